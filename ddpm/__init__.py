@@ -1,0 +1,3 @@
+"""Class-conditional DDPM for CIFAR-10: core library and pipeline workflows."""
+
+__version__ = "0.1.0"

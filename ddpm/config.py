@@ -1,0 +1,260 @@
+"""The typed configuration: the single source of truth for every run.
+
+`params.yaml` is validated into `Config`. Every section forbids unknown keys (a typo is an error),
+every choice is a `Literal`, every number has a range, and the checks that span sections (image
+size vs. U-Net depth, attention resolutions that exist) live on `Config` itself. The validated
+config is stored as plain data inside each checkpoint (`Config.to_dict`) and rebuilt from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddpm.errors import UserError
+
+Schedule = Literal["linear", "cosine"]
+Prediction = Literal["eps", "x0", "v"]
+Variance = Literal["fixed_small", "fixed_large"]
+SamplerName = Literal["ddpm", "ddim"]
+Precision = Literal["fp32", "bf16", "fp16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+DatasetName = Literal["cifar10", "folder", "shapes"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are prepared."""
+
+    dataset: DatasetName = "cifar10"
+    raw_dir: str = "data/raw"  # cifar10: torchvision's download / offline archive location
+    folder: str | None = None  # folder: an ImageFolder-style directory (one subfolder per class)
+    image_size: int = Field(32, ge=8, le=512)
+    hflip: bool = True  # random horizontal flips during training
+    holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # folder/shapes; cifar10 uses its test batch
+    shapes_per_class: int = Field(1000, ge=10)  # shapes: images generated per class
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DataConfig:
+        if self.dataset == "folder" and not self.folder:
+            raise ValueError("data.dataset is 'folder' but data.folder is not set: give the image directory")
+        return self
+
+
+class ModelConfig(Section):
+    """The conditional U-Net. Defaults are the DDPM CIFAR-10 network (35.7M parameters)."""
+
+    channels: int = Field(128, ge=8)
+    channel_mult: tuple[int, ...] = Field((1, 2, 2, 2), min_length=1)
+    num_res_blocks: int = Field(2, ge=1)
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    num_groups: int = Field(32, ge=1)  # GroupNorm groups; must divide every channel count
+    num_classes: int = Field(10, ge=0)  # 0: unconditional; else num_classes + 1 embedding rows (last = null)
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> ModelConfig:
+        for mult in (1, *self.channel_mult):
+            ch = self.channels * mult
+            if ch % self.num_groups:
+                raise ValueError(
+                    f"model.num_groups={self.num_groups} does not divide {ch} channels "
+                    f"(channels={self.channels} x mult {mult}); choose channels divisible by num_groups"
+                )
+            if ch % self.num_heads:
+                raise ValueError(f"model.num_heads={self.num_heads} does not divide {ch} channels")
+        if any(m < 1 for m in self.channel_mult):
+            raise ValueError("model.channel_mult entries must be >= 1")
+        return self
+
+
+class DiffusionConfig(Section):
+    """The forward process and how the network's output is read (the schedule name is top-level)."""
+
+    timesteps: int = Field(1000, ge=2, le=100_000)
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)  # linear schedule
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0)  # linear schedule
+    cosine_s: float = Field(0.008, ge=0.0, lt=1.0)  # cosine schedule offset s
+    max_beta: float = Field(0.999, gt=0.0, lt=1.0)  # cosine schedule clip
+    prediction: Prediction = "eps"
+    variance: Variance = "fixed_large"  # DDPM sampler variance: beta_t (large) or beta-tilde_t (small)
+    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] while sampling
+
+    @model_validator(mode="after")
+    def _beta_order(self) -> DiffusionConfig:
+        if self.beta_start >= self.beta_end:
+            raise ValueError(
+                f"diffusion.beta_start ({self.beta_start}) must be smaller than diffusion.beta_end ({self.beta_end})"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation, precision, logging cadence and fault handling."""
+
+    device: DeviceName = "auto"  # auto: cuda when available, else cpu (the choice is logged)
+    batch_size: int = Field(128, ge=1)  # global batch (split across ranks under torchrun)
+    steps: int = Field(800_000, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    warmup_steps: int = Field(5000, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    grad_accum: int = Field(1, ge=1)
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
+    p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free guidance: label dropout probability
+    precision: Precision = "bf16"  # autocast dtype (fp16 uses a GradScaler and needs CUDA)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = True
+    deterministic: bool = False  # torch deterministic algorithms (GPU: slower)
+    data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader
+    num_workers: int = Field(2, ge=0)  # DataLoader workers when data_on_device is false
+    sample_every: int = Field(10_000, ge=0)  # progress grids; 0 disables
+    checkpoint_every: int = Field(5000, ge=1)
+    max_bad_steps: int = Field(10, ge=0)  # consecutive non-finite steps tolerated before stopping
+
+
+class SampleConfig(Section):
+    """How the sample stage generates images from the EMA model."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = Field(100, ge=1)
+    eta: float = Field(0.0, ge=0.0)
+    guidance_scale: float = Field(1.0, ge=0.0)  # w in eps = (1+w) eps(x,t,y) - w eps(x,t,null)
+    num_samples: int = Field(10_000, ge=1)  # the evaluation set
+    batch_size: int = Field(500, ge=1)  # bounds memory independently of num_samples
+    grid_per_class: int = Field(10, ge=1)  # columns of samples/grid.png
+    denoise_frames: int = Field(8, ge=2)  # columns of samples/denoise.png
+
+
+class ClassifierConfig(Section):
+    """The small ResNet-like classifier used for offline evaluation metrics."""
+
+    width: int = Field(64, ge=8)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+
+
+class EvaluateConfig(Section):
+    """Offline class-conditional metrics, standard FID/IS and the guidance sweep."""
+
+    classifier: ClassifierConfig = ClassifierConfig()
+    fid: bool = True
+    inception_weights: str | None = None  # a local pt_inception-2015-12-05 file; else cache or download
+    guidance_sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    sweep_samples: int = Field(2000, ge=10)  # samples per sweep point
+    pr_k: int = Field(3, ge=1)  # k of the k-NN manifolds for precision/recall
+
+    @model_validator(mode="after")
+    def _sweep_non_negative(self) -> EvaluateConfig:
+        bad = [w for w in self.guidance_sweep if w < 0]
+        if bad:
+            raise ValueError(f"evaluate.guidance_sweep holds negative guidance scales {bad}; use values >= 0")
+        return self
+
+
+class TrackingConfig(Section):
+    """Where metrics go besides the DVC files."""
+
+    mlflow: bool = True
+    tensorboard: bool = True
+    experiment: str = "ddpm"
+    log_every: int = Field(100, ge=1)  # loss read back from the device and logged every N steps
+    system_metrics: bool = True
+
+
+class Config(Section):
+    """The whole of params.yaml. `seed` and `schedule` are top-level for `dvc exp run -S schedule=cosine`."""
+
+    seed: int = Field(0, ge=0)
+    schedule: Schedule = "linear"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _network_fits_images(self) -> Config:
+        levels = len(self.model.channel_mult)
+        factor = 2 ** (levels - 1)
+        size = self.data.image_size
+        if size % factor:
+            raise ValueError(
+                f"data.image_size={size} is not divisible by 2^(levels-1)={factor} for "
+                f"model.channel_mult={list(self.model.channel_mult)}; use a multiple of {factor} or fewer levels"
+            )
+        resolutions = [size // 2**i for i in range(levels)]
+        missing = [r for r in self.model.attention_resolutions if r not in resolutions]
+        if missing:
+            raise ValueError(
+                f"model.attention_resolutions {missing} do not occur in the network; "
+                f"its resolutions are {resolutions}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) for checkpoints, YAML and MLflow."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """Validate plain data, turning pydantic's errors into one readable UserError."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(source, err) from None
+
+
+class ConfigError(UserError):
+    """params.yaml (or a stored config) failed validation; the message names every bad field."""
+
+    def __init__(self, source: str, err: ValidationError):
+        lines = [f"invalid configuration in {source}:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see params.yaml for the allowed keys)"
+            lines.append(f"  {loc}: {msg} (got {e['input']!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+        super().__init__("\n".join(lines))
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate a params file; every problem is reported as a `ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"params file {path} not found; run from the repository root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of params, got {type(data).__name__}")
+    return Config.from_dict(data, source=str(path))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"model": {"channels": 128}}` -> `{"model.channels": 128}` (for MLflow params and run comparison)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
