@@ -1,0 +1,410 @@
+"""Tracking: MLflow runs in a temporary sqlite store, TensorBoard event files, DVC files, resources.
+
+MLflow's import and store creation take seconds, so one module-level store (a temporary git
+repository) holds most runs, and one fully logged run is shared by the read-only assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ddpm.config import Config, flatten
+from ddpm.errors import UserError
+from ddpm.tracking import PlotWriter, Tracker, compare_runs, git_tags, tracking_uri, write_metrics
+
+_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING")
+
+
+def _cfg(**overrides) -> Config:
+    """A config with nested overrides, e.g. _cfg(schedule="cosine", tracking={"tensorboard": False})."""
+    return Config.from_dict(overrides)
+
+
+def _git(repo: Path, *args: str) -> str:
+    cmd = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A committed git repository, a clean tracking environment, fast MLflow system metrics."""
+    root = tmp_path_factory.mktemp("repo")
+    (root / "code.py").write_text("x = 1\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "code.py")
+    _git(root, "commit", "-q", "-m", "init")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # default 10 s
+        yield root
+
+
+@pytest.fixture(scope="module")
+def client(repo):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri(repo))
+
+
+@pytest.fixture(scope="module")
+def logged(repo, tmp_path_factory):
+    """One run with everything logged once: params, metrics at 3 steps, an image, artifacts, finals."""
+    cfg = _cfg(schedule="cosine", model={"channels": 64})
+    artifact = tmp_path_factory.mktemp("out") / "report.txt"  # outside the repo: the tree stays clean
+    artifact.write_text("hello")
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)  # (H, W, C)
+    tracker = Tracker.start(cfg, repo, "main-run", tags={"dataset_hash": "abc123", "device": "cpu"})
+    for step in (0, 10, 20):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": step * 1e-5}, step)
+    tracker.log_image("samples/grid", image, step=20)
+    tracker.log_artifact(artifact)
+    tracker.log_artifact(artifact, "reports")
+    deadline = time.time() + 20  # MLflow's monitor thread samples every 0.1 s here; wait for one publish
+    while tracker._system_monitor._logging_step == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    tracker.log_final({"fid": 12.5, "accuracy": 0.75})
+    tracker.finish("FINISHED")
+    return SimpleNamespace(cfg=cfg, run_id=tracker.run_id, tb_dir=tracker.tensorboard_dir, image=image)
+
+
+# ---- store location ------------------------------------------------------------------------
+
+
+def test_tracking_uri_env_dvc_root_and_default(tmp_path, monkeypatch):
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(Path("sub")) == f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"  # absolute, not ./mlruns
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "real"))
+    assert tracking_uri(Path("tempcopy")) == f"sqlite:///{tmp_path / 'real' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(Path("tempcopy")) == "http://127.0.0.1:5000"
+
+
+# ---- the logged run ------------------------------------------------------------------------
+
+
+def test_params_logged_flattened(logged, client):
+    params = client.get_run(logged.run_id).data.params
+    assert params["schedule"] == "cosine"
+    assert params["model.channels"] == "64"
+    assert params["model.channel_mult"] == "[1, 2, 2, 2]"
+    assert set(params) == set(flatten(logged.cfg.to_dict()))
+
+
+def test_metric_histories_keep_steps(logged, client):
+    history = client.get_metric_history(logged.run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 1.0),
+        (10, pytest.approx(1 / 11)),
+        (20, pytest.approx(1 / 21)),
+    ]
+
+
+def test_tags_name_git_and_caller(logged, client, repo):
+    run = client.get_run(logged.run_id)
+    tags = run.data.tags
+    assert run.info.run_name == "main-run"
+    assert tags["mlflow.source.git.commit"] == _git(repo, "rev-parse", "HEAD")
+    assert tags["git.dirty"] == "false"
+    assert tags["dataset_hash"] == "abc123" and tags["device"] == "cpu"
+    assert not any(k.startswith("dvc.") for k in tags)  # not under dvc exp run
+
+
+def test_git_tags_dirty_and_no_git(tmp_path, repo):
+    assert git_tags(tmp_path) == {}  # not a repository: no tags, no error
+    (repo / "code.py").write_text("x = 2\n")
+    try:
+        assert git_tags(repo)["git.dirty"] == "true"
+    finally:
+        _git(repo, "checkout", "-q", "code.py")
+
+
+def test_stepped_image_stored_under_images(logged, client, tmp_path):
+    from PIL import Image
+
+    names = [Path(a.path).name for a in client.list_artifacts(logged.run_id, "images")]
+    png = [n for n in names if n.endswith(".png")]
+    webp = [n for n in names if n.endswith("+compressed.webp")]
+    assert len(png) == 1 and len(webp) == 1
+    assert png[0].startswith("samples~grid+step+20+timestamp+")  # "/" in the key becomes "~"
+    local = client.download_artifacts(logged.run_id, f"images/{png[0]}", str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(Image.open(local)), logged.image)
+    assert client.get_run(logged.run_id).data.tags["mlflow.loggedImages"] == "True"
+
+
+def test_artifacts_at_root_and_under_path(logged, client):
+    root = {a.path for a in client.list_artifacts(logged.run_id)}
+    assert {"report.txt", "reports", "images"} <= root
+    assert [a.path for a in client.list_artifacts(logged.run_id, "reports")] == ["reports/report.txt"]
+
+
+def test_final_metrics_status_and_system_metrics(logged, client, repo):
+    run = client.get_run(logged.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["fid"] == 12.5 and run.data.metrics["accuracy"] == 0.75
+    assert run.data.tags["ddpm.final_metrics"] == "accuracy,fid"
+    assert any(k.startswith("system/cpu_utilization_percentage") for k in run.data.metrics)
+    assert (repo / "mlartifacts" / "ddpm" / logged.run_id / "artifacts" / "report.txt").is_file()
+    assert not (repo / "mlruns").exists()
+
+
+def test_tensorboard_scalars_images_and_hparams_in_run_dir(logged):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    assert logged.tb_dir.name == "main-run" and logged.tb_dir.parent.name == "tensorboard"
+    assert [p for p in logged.tb_dir.iterdir() if p.is_dir()] == []  # no timestamped hparams sub-run
+    acc = EventAccumulator(str(logged.tb_dir))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (0, 1.0),
+        (10, pytest.approx(1 / 11)),
+        (20, pytest.approx(1 / 21)),
+    ]
+    assert [e.value for e in acc.Scalars("fid")] == [12.5]
+    assert [e.step for e in acc.Images("samples/grid")] == [20]
+    content = acc.PluginTagToContent("hparams")
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["schedule"].string_value == "cosine"
+    assert start.hparams["model.channels"].number_value == 64
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert {m.name.tag for m in experiment.metric_infos} == {"fid", "accuracy"}
+
+
+# ---- re-opening, statuses, environment ------------------------------------------------------
+
+
+def test_reopened_run_keeps_id_and_continues_steps(repo, client):
+    cfg = _cfg(tracking={"system_metrics": False})
+    first = Tracker.start(cfg, repo, "resumable")
+    for step in (0, 10):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.finish("KILLED")
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    changed = _cfg(tracking={"system_metrics": False}, sample={"steps": 50})
+    again = Tracker.start(changed, repo, "ignored-name", run_id=first.run_id, resume_step=10)
+    assert again.run_id == first.run_id and again.run_name == "resumable"
+    assert again.tensorboard_dir == first.tensorboard_dir
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    for step in (20, 30):
+        again.log_metrics({"train/loss": float(step)}, step)
+    again.finish("FINISHED")
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train/loss")) == [0, 10, 20, 30]
+    assert run.data.params["sample.steps"] == "100"  # params are logged once, never rewritten
+    assert run.data.tags["param_override.sample.steps"] == "50"
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_context_manager_ends_with_status(repo, client, error, status):
+    cfg = _cfg(tracking={"tensorboard": False, "system_metrics": False})
+    with pytest.raises(error), Tracker.start(cfg, repo, f"ctx-{status}") as tracker:
+        raise error()
+    assert client.get_run(tracker.run_id).info.status == status
+
+
+def test_dvc_experiment_env_names_run_and_uses_dvc_root(repo, client, tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(repo))  # the real repo; tmp_path plays dvc's temp copy
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-owl")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abcd")
+    cfg = _cfg(tracking={"system_metrics": False})
+    tracker = Tracker.start(cfg, tmp_path, "ignored")
+    tracker.finish()
+    run = client.get_run(tracker.run_id)  # found in the repo's store, not the temp copy's
+    assert run.info.run_name == "brisk-owl"
+    assert run.data.tags["dvc.exp_name"] == "brisk-owl" and run.data.tags["dvc.exp_baseline_rev"] == "0123abcd"
+    assert tracker.tensorboard_dir.parent == repo / "logs" / "tensorboard"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "logs").exists()
+
+
+def test_disabled_tracking_touches_nothing(tmp_path, monkeypatch):
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    cfg = _cfg(tracking={"mlflow": False, "tensorboard": False})
+    with Tracker.start(cfg, tmp_path, "off") as tracker:
+        tracker.log_metrics({"loss": 1.0}, 0)
+        tracker.log_image("grid", np.zeros((2, 2, 3), np.uint8), 0)
+        tracker.log_final({"fid": 1.0})
+    assert tracker.run_id is None
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlartifacts, no logs
+
+
+def test_log_metrics_overhead_is_small(repo):
+    cfg = _cfg(tracking={"system_metrics": False})
+    tracker = Tracker.start(cfg, repo, "overhead")
+    metrics = {f"train/m{i}": float(i) for i in range(15)}
+    times = []
+    for step in range(40):
+        begin = time.perf_counter()
+        tracker.log_metrics(metrics, step)
+        times.append(time.perf_counter() - begin)
+    tracker.finish()
+    median_ms = 1000 * float(np.median(times))
+    print(f"log_metrics(15 metrics): median {median_ms:.2f} ms, max {1000 * max(times):.1f} ms")
+    assert median_ms < 50  # sqlite write is ~10 ms synchronous; the async path must stay well under
+
+
+# ---- comparing runs --------------------------------------------------------------------------
+
+
+def test_compare_runs_shows_differing_params_and_finals(repo):
+    ids = []
+    for schedule, fid in (("linear", 20.0), ("cosine", 15.5)):
+        cfg = _cfg(schedule=schedule, tracking={"experiment": "cmp", "tensorboard": False, "system_metrics": False})
+        with Tracker.start(cfg, repo, f"run-{schedule}") as tracker:
+            tracker.log_metrics({"train/loss": 0.1}, 5)
+            tracker.log_final({"fid": fid})
+        ids.append(tracker.run_id)
+    table = compare_runs("cmp", tracking_uri(repo)).splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in table if line.strip() and not line.startswith("-")}
+    assert rows["run"] == ["run-linear", "run-cosine"]
+    assert rows["schedule"] == ["linear", "cosine"]
+    assert rows["fid"] == ["20", "15.5"]
+    assert "seed" not in rows and "train/loss" not in rows  # equal params and non-final metrics hidden
+    assert compare_runs("cmp", tracking_uri(repo), run_ids=ids[::-1]).splitlines()[0].split()[1:] == [
+        "run-cosine",
+        "run-linear",
+    ]
+    with pytest.raises(UserError, match="no MLflow experiment 'nope'"):
+        compare_runs("nope", tracking_uri(repo))
+    with pytest.raises(UserError, match="no MLflow store"):
+        compare_runs("cmp", tracking_uri(repo / "elsewhere"))
+    assert not (repo / "elsewhere").exists()
+
+
+# ---- two processes, one fresh sqlite store ----------------------------------------------------
+
+
+def _log_from_process(root: str, name: str, steps: int) -> None:
+    """Worker: its own run in the shared store, `steps` metric batches."""
+    cfg = _cfg(tracking={"tensorboard": False, "system_metrics": False})
+    with Tracker.start(cfg, Path(root), name) as tracker:
+        for step in range(steps):
+            tracker.log_metrics({"a": float(step), "b": 2.0 * step, "c": -1.0}, step)
+
+
+def test_two_processes_share_one_fresh_sqlite_store(tmp_path, repo):
+    from mlflow import MlflowClient
+
+    ctx = multiprocessing.get_context("spawn")  # no fork: MLflow runs background threads
+    procs = [ctx.Process(target=_log_from_process, args=(str(tmp_path), f"p{i}", 200)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]  # both survived the first-use schema migration
+    client = MlflowClient(tracking_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["p0", "p1"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for key in ("a", "b", "c"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(200)), f"{run.info.run_name}/{key} lost metrics"
+
+
+# ---- DVC files --------------------------------------------------------------------------------
+
+
+def test_write_metrics_json_nested_nan_numpy(tmp_path):
+    path = tmp_path / "metrics" / "eval.json"
+    write_metrics(path, {"fid": np.float32(3.5), "bad": float("nan"), "sweep": {"w1": 2, "w2": np.int64(3)}})
+    assert json.loads(path.read_text()) == {"bad": None, "fid": 3.5, "sweep": {"w1": 2, "w2": 3.0}}
+    assert [p.name for p in path.parent.iterdir()] == ["eval.json"]  # no temp file left behind
+
+
+def test_plot_writer_header_once_and_resume(tmp_path):
+    path = tmp_path / "plots" / "loss.tsv"
+    writer = PlotWriter(path, ["loss", "lr"])
+    for step in (10, 20, 30):
+        writer.write(step, {"loss": step / 10, "lr": 0.5})
+    writer.write(40, {"loss": 4.0})  # lr missing: empty cell
+    assert path.read_text().splitlines() == [
+        "step\tloss\tlr",
+        "10\t1.0\t0.5",
+        "20\t2.0\t0.5",
+        "30\t3.0\t0.5",
+        "40\t4.0\t",
+    ]
+    with open(path, "a") as f:
+        f.write("50\t5.")  # a row torn by a crash
+    resumed = PlotWriter(path, ["loss", "lr"], resume_step=20)
+    resumed.write(30, {"loss": 9.0, "lr": 0.1})
+    assert path.read_text().splitlines() == ["step\tloss\tlr", "10\t1.0\t0.5", "20\t2.0\t0.5", "30\t9.0\t0.1"]
+    PlotWriter(path, ["loss"], resume_step=20)  # other columns: the old rows cannot be continued
+    assert path.read_text() == "step\tloss\n"
+
+
+# ---- resources --------------------------------------------------------------------------------
+
+
+def test_resource_monitor_cpu(tmp_path):
+    import psutil
+
+    from ddpm.resources import ResourceMonitor
+
+    monitor = ResourceMonitor("cpu")
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # burn CPU so the process percentage must be clearly positive
+        pass
+    sample = monitor.sample()
+    assert set(sample) == {"resources/cpu_percent", "resources/rss_mb", "resources/system_memory_percent"}
+    assert sample["resources/cpu_percent"] > 5.0
+    assert sample["resources/rss_mb"] == pytest.approx(psutil.Process().memory_info().rss / 2**20, rel=0.1)
+    assert 0.0 < sample["resources/system_memory_percent"] <= 100.0
+
+
+def _fake_cuda(monkeypatch, nvml: types.ModuleType | None):
+    """Pretend to be on a CUDA device with 1 GiB allocated; `nvml` replaces the pynvml module."""
+    import torch
+
+    gib = float(2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1.5 * gib)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="abcd-1234"))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)  # None makes `import pynvml` fail
+
+
+def _fake_nvml(util: int | None) -> types.ModuleType:
+    """A pynvml stand-in reporting `util` % (None: the query raises, as on a lost driver)."""
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: f"handle:{uuid}"
+
+    def rates(handle):
+        assert handle == "handle:GPU-abcd-1234"  # looked up by UUID, not index
+        if util is None:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+        return SimpleNamespace(gpu=util)
+
+    nvml.nvmlDeviceGetUtilizationRates = rates
+    return nvml
+
+
+@pytest.mark.parametrize(("nvml", "util"), [(None, None), (_fake_nvml(37), 37.0), (_fake_nvml(None), None)])
+def test_resource_monitor_cuda_readings_absent_not_zero(monkeypatch, nvml, util):
+    from ddpm.resources import ResourceMonitor
+
+    _fake_cuda(monkeypatch, nvml)
+    sample = ResourceMonitor("cuda:0").sample()
+    assert sample["resources/cuda_allocated_mb"] == 1024.0
+    assert sample["resources/cuda_reserved_mb"] == 2048.0
+    assert sample["resources/cuda_peak_mb"] == 1536.0
+    assert sample.get("resources/gpu_util_percent") == util  # missing, never 0, when NVML is unusable
