@@ -1,0 +1,34 @@
+"""Turning model outputs into pictures: [-1, 1] floats to uint8, grids, PNG files (written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from ddpm.atomic import atomic_path
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Map model space [-1, 1] to uint8 pixels, rounding to nearest."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+
+
+def to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """Map uint8 pixels to model space [-1, 1]."""
+    return images.float() / 127.5 - 1.0  # (B, C, H, W)
+
+
+def grid_hwc(images_u8: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, C, H, W) into one (H', W', C) array, `nrow` images per row."""
+    grid = make_grid(images_u8.cpu(), nrow=nrow, padding=padding, pad_value=255)  # (C, H', W')
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_png(path: str | Path, image_hwc: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 array as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(image_hwc).save(tmp, format="PNG")

@@ -1,0 +1,391 @@
+"""The training workflow (the `train` stage): data, model, EMA, optimiser, loop, checkpoints, tracking.
+
+`train(cfg, paths)` resumes from `.resume/<key>/` when an earlier run with the same training params was
+interrupted, checkpoints every `train.checkpoint_every` steps and on SIGINT/SIGTERM, and writes the
+stage's outputs (EMA checkpoint, metrics, loss curve, progress grids) at the end. On CPU a resumed run
+gives bit-identical EMA weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ddpm import atomic
+from ddpm.batches import make_batches
+from ddpm.checkpoint import save_checkpoint
+from ddpm.config import Config
+from ddpm.data import load_prepared
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.ema import EMA, unwrap
+from ddpm.errors import UserError
+from ddpm.generate import SamplerSettings, balanced_labels, generate
+from ddpm.images import grid_hwc, save_png
+from ddpm.resources import ResourceMonitor
+from ddpm.resume import ResumeStore, resume_key, resume_root
+from ddpm.runtime import (
+    Ranks,
+    check_precision,
+    close_distributed,
+    device_description,
+    enable_tf32,
+    init_distributed,
+    ranks_from_env,
+    resolve_device,
+)
+from ddpm.seeding import configure_determinism, rng_state, seed_everything, set_rng_state
+from ddpm.tracking import Tracker, write_metrics
+from ddpm.train_step import StepContext, StepStats, train_step
+from ddpm.unet import build_unet
+
+PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Inputs and declared outputs of the train stage (absolute paths)."""
+
+    root: Path
+    prepared: Path
+    ema: Path
+    run_info: Path
+    metrics: Path
+    plot: Path
+    progress: Path
+
+    @classmethod
+    def under(cls, root: Path) -> TrainPaths:
+        """The layout of dvc.yaml below the repository root."""
+        root = Path(root).resolve()
+        return cls(
+            root=root,
+            prepared=root / "data/prepared",
+            ema=root / "models/ema.pt",
+            run_info=root / "models/run.json",
+            metrics=root / "metrics/train.json",
+            plot=root / "plots/train_loss.tsv",
+            progress=root / "samples/progress",
+        )
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was checkpointed."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved, run again to resume")
+        self.signum = signum
+
+
+@contextmanager
+def _signal_flag():
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint can be written)."""
+    flag: list[int] = []
+    handler = lambda signum, frame: flag.append(signum)  # noqa: E731
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def lr_lambda(warmup: int):
+    """Linear warm-up to the base LR over `warmup` steps, then constant (as in DDPM)."""
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+@dataclass
+class Run:
+    """Everything the loop mutates; `payload()` / `restore()` make it a checkpoint and back."""
+
+    cfg: Config
+    ranks: Ranks
+    device: torch.device
+    model: torch.nn.Module  # the plain network
+    trained: torch.nn.Module  # what the loop calls: maybe compiled, maybe DDP
+    diffusion: GaussianDiffusion
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    generator: torch.Generator
+    batches: object
+    stats: StepStats
+    step: int = 0
+    plot_rows: list[list[float]] = field(default_factory=list)
+    run_id: str | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    def payload(self, data_hash: str) -> dict:
+        """The full training state as plain data (weights_only-loadable)."""
+        return {
+            "format_version": 1,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "rng": rng_state(),
+            "generator": self.generator.get_state(),
+            "batches": self.batches.state_dict(),
+            "stats": self.stats.state_dict(),
+            "plot_rows": self.plot_rows,
+            "mlflow_run_id": self.run_id or "",
+            "data_hash": data_hash,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        """Load a payload written by `payload` (same config, so shapes match)."""
+        self.step = int(ckpt["step"])
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.generator.set_state(ckpt["generator"])
+        self.batches.load_state_dict(ckpt["batches"])
+        self.stats.load_state_dict(ckpt["stats"])
+        self.plot_rows = [list(r) for r in ckpt["plot_rows"]]
+        self.run_id = ckpt["mlflow_run_id"] or None
+
+
+def _build(cfg: Config, ranks: Ranks, device: torch.device, data) -> Run:
+    """Model, EMA, optimiser, schedule and data stream, seeded from `cfg.seed`."""
+    seed_everything(cfg.seed)
+    model = build_unet(cfg).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    diffusion = GaussianDiffusion.from_config(cfg).to(device)
+    ema = EMA(model, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    trained = model
+    if ranks.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        trained = torch.compile(trained, mode=cfg.train.compile_mode)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    batches = make_batches(data, cfg, device, rank=ranks.rank, world_size=ranks.world_size)
+    return Run(cfg, ranks, device, model, trained, diffusion, ema, optimizer, scheduler, scaler, generator,
+               batches, StepStats(device))
+
+
+def _check_world(cfg: Config, ranks: Ranks) -> None:
+    per_step = cfg.train.grad_accum * ranks.world_size
+    if cfg.train.batch_size % per_step:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by grad_accum x world size = {per_step}; "
+            "choose a batch size that splits evenly"
+        )
+
+
+def _warn_disk(cfg: Config, root: Path, model: torch.nn.Module) -> None:
+    """Warn when free disk is below what the checkpoints and sample grids will take."""
+    params = sum(p.numel() for p in model.parameters())
+    ckpt = params * 4 * 4  # model + EMA + two Adam moments, float32
+    need = 3 * ckpt + params * 4  # last + previous + a write in progress, plus models/ema.pt
+    if cfg.train.sample_every:
+        need += (cfg.train.steps // cfg.train.sample_every + 1) * 3 * cfg.data.image_size**2 * 200
+    free = shutil.disk_usage(root).free
+    if free < need:
+        print(f"warning: {free / 2**30:.2f} GiB free on {root}, training needs about {need / 2**30:.2f} GiB "
+              "for checkpoints and samples", file=sys.stderr)
+
+
+def train(cfg: Config, paths: TrainPaths) -> dict:
+    """Run (or resume) training; write the stage outputs on rank 0; return the reproducible metrics."""
+    ranks = ranks_from_env()
+    _check_world(cfg, ranks)
+    device = resolve_device(cfg.train.device, ranks.local_rank)
+    check_precision(cfg.train.precision, device)
+    configure_determinism(cfg.train.deterministic)
+    enable_tf32()
+    init_distributed(ranks, device)
+    try:
+        return _train(cfg, paths, ranks, device)
+    finally:
+        close_distributed()
+
+
+def _train(cfg: Config, paths: TrainPaths, ranks: Ranks, device: torch.device) -> dict:
+    data = load_prepared(paths.prepared)
+    if len(data.class_names) != cfg.model.num_classes and cfg.model.num_classes != 0:
+        raise UserError(
+            f"the prepared data has {len(data.class_names)} classes but model.num_classes is "
+            f"{cfg.model.num_classes}; set model.num_classes: {len(data.class_names)}"
+        )
+    run = _build(cfg, ranks, device, data)
+    run.class_names = list(data.class_names)
+    store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash))
+    ckpt = store.load(map_location=device)
+    if ckpt is not None:
+        run.restore(ckpt)
+        if ranks.is_main:
+            print(f"resuming from {store.last} at step {run.step}", file=sys.stderr)
+    elif ranks.is_main:
+        shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
+    if ranks.is_main:
+        _warn_disk(cfg, paths.root, run.model)
+    tracker = Tracker.start(
+        cfg, paths.root, run_name=None, run_id=run.run_id, tags=_tags(data.content_hash, device),
+        resume_step=run.step if ckpt is not None else None,
+    ) if ranks.is_main else None
+    if tracker is not None:
+        run.run_id = tracker.run_id
+    status = "FAILED"
+    try:
+        timing = _loop(run, store, tracker, paths, data.content_hash)
+        metrics = _finish(run, store, tracker, paths, timing) if ranks.is_main else {}
+        status = "FINISHED"
+        return metrics
+    except Interrupted:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+
+
+def _tags(data_hash: str, device: torch.device) -> dict[str, str]:
+    return {
+        "data_hash": data_hash,
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "device": device_description(device),
+    }
+
+
+def _loop(run: Run, store: ResumeStore, tracker, paths: TrainPaths, data_hash: str) -> dict:
+    """The training loop: steps, periodic logging, progress grids and checkpoints."""
+    cfg, main = run.cfg, run.ranks.is_main
+    ctx = StepContext(
+        model=run.trained, diffusion=run.diffusion, optimizer=run.optimizer, scaler=run.scaler,
+        generator=run.generator, precision=cfg.train.precision, device=run.device, ranks=run.ranks,
+        null_label=run.model.null_label, p_uncond=cfg.train.p_uncond, grad_clip=cfg.train.grad_clip,
+        grad_accum=cfg.train.grad_accum,
+    )
+    log_every = cfg.tracking.log_every
+    monitor = ResourceMonitor(run.device) if main and cfg.tracking.system_metrics else None
+    bar = tqdm(total=cfg.train.steps, initial=run.step, disable=not main, desc="train", dynamic_ncols=True)
+    start_step, t_start = run.step, time.perf_counter()
+    t_log, step_log = t_start, run.step
+    with _signal_flag() as flag:
+        while run.step < cfg.train.steps:
+            run.trained.train()
+            train_step(ctx, run.batches, run.stats)
+            run.scheduler.step()
+            run.ema.update(run.model)
+            run.step += 1
+            bar.update(1)
+            if run.step % log_every == 0 or run.step == cfg.train.steps:
+                now = time.perf_counter()
+                ips = (run.step - step_log) * cfg.train.batch_size / (now - t_log)
+                t_log, step_log = now, run.step
+                _log(run, tracker, bar, ips, paths, monitor)
+            if main and cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
+                _progress_grid(run, tracker, paths)
+            if flag:
+                _checkpoint(run, store, data_hash)
+                raise Interrupted(flag[0])
+            if run.step % cfg.train.checkpoint_every == 0 and run.step < cfg.train.steps:
+                _checkpoint(run, store, data_hash)
+    bar.close()
+    _checkpoint(run, store, data_hash)
+    wall = time.perf_counter() - t_start
+    steps_done = run.step - start_step
+    return {"wall_time_s": wall, "images_per_s": steps_done * cfg.train.batch_size / wall if wall else 0.0}
+
+
+def _log(run: Run, tracker, bar, images_per_s: float, paths: TrainPaths, monitor: ResourceMonitor | None) -> None:
+    """Read the device-side statistics back (one sync), stop on too many bad steps, log everywhere."""
+    stats = run.stats.read()
+    cfg = run.cfg
+    if stats["bad_steps_in_a_row"] > cfg.train.max_bad_steps:
+        raise UserError(
+            f"training stopped at step {run.step}: {int(stats['bad_steps_in_a_row'])} consecutive steps had a "
+            f"non-finite loss or gradient (train.max_bad_steps={cfg.train.max_bad_steps}); lower train.lr, "
+            "use precision fp32/bf16, or check the data"
+        )
+    lr = run.scheduler.get_last_lr()[0]
+    if not run.ranks.is_main:
+        return
+    row = [run.step] + [stats.get(c, float("nan")) for c in PLOT_COLUMNS[1:-1]] + [lr]
+    run.plot_rows.append(row)
+    _write_plot(paths.plot, run.plot_rows)
+    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+    if tracker is not None:
+        resources = monitor.sample() if monitor is not None else {}
+        tracker.log_metrics({**stats, "lr": lr, "images_per_s": images_per_s, **resources}, step=run.step)
+
+
+def _write_plot(path: Path, rows: list[list[float]]) -> None:
+    lines = ["\t".join(PLOT_COLUMNS)] + ["\t".join(_fmt(v) for v in r) for r in rows]
+    atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else f"{v:.6g}"
+
+
+def _progress_grid(run: Run, tracker, paths: TrainPaths) -> None:
+    """Sample the same seeds with the EMA model: one row per class (the seed's table over training)."""
+    cfg = run.cfg
+    k = cfg.model.num_classes or 1
+    per_class = min(cfg.sample.grid_per_class, 8)
+    labels = balanced_labels(k * per_class, k).view(per_class, k).t().reshape(-1) if cfg.model.num_classes else None
+    images, _ = generate(
+        run.ema.model, run.diffusion, labels, SamplerSettings.from_config(cfg.sample), num=k * per_class,
+        device=run.device, seed=cfg.seed, batch_size=cfg.sample.batch_size, precision=cfg.train.precision,
+    )
+    grid = grid_hwc(images, nrow=per_class)
+    save_png(paths.progress / f"step_{run.step:07d}.png", grid)
+    if tracker is not None:
+        tracker.log_image("progress", grid, step=run.step)
+
+
+def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
+    if run.ranks.is_main:
+        store.save(run.payload(data_hash))
+    if run.ranks.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _finish(run: Run, store: ResumeStore, tracker, paths: TrainPaths, timing: dict) -> dict:
+    """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
+    store.finish()
+    save_checkpoint(paths.ema, {
+        "format_version": 1, "config": run.cfg.to_dict(), "step": run.step, "ema": run.ema.state_dict(),
+        "class_names": run.class_names,
+    })
+    last = run.plot_rows[-1] if run.plot_rows else [run.step, float("nan")]
+    metrics = {
+        "loss": last[1],
+        "steps": run.step,
+        "images_seen": run.step * run.cfg.train.batch_size,
+        "bad_steps": int(run.stats.bad_total.item()),
+        "timing": {k: round(v, 3) for k, v in timing.items()},
+    }
+    write_metrics(paths.metrics, metrics)
+    atomic.write_text(paths.run_info, json.dumps({"mlflow_run_id": run.run_id}, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log_final({f"train_{k}": v for k, v in metrics.items() if k != "timing"})
+        tracker.log_artifact(paths.ema)
+    return metrics

@@ -1,0 +1,167 @@
+"""One optimisation step of L_simple, free of host-device synchronisation.
+
+Everything the logs need (loss, loss per quarter of the timestep range, gradient norm, skipped steps)
+is accumulated in tensors on the device and read back by `StepStats.read` every `tracking.log_every`
+steps. A step whose loss or gradients are not finite is skipped on the device: the fused AdamW kernel
+takes a `found_inf` flag (the protocol GradScaler uses) and leaves parameters and moments untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.runtime import Ranks, autocast
+
+
+class StepStats:
+    """On-device running sums since the last read-back."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bad_total = torch.zeros((), device=device)  # skipped steps since the start of the run
+        self.bad_run = torch.zeros((), device=device)  # current run of consecutive skipped steps
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the per-interval sums (not the run-long bad-step counters)."""
+        z = lambda *s: torch.zeros(s, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.loss_sum, self.loss_count = z(), z()
+        self.quarter_sum, self.quarter_count = z(4), z(4)  # loss per quarter of [0, T)
+        self.gnorm_sum, self.steps = z(), z()
+        self.bad_run_max = torch.zeros((), device=self.device)
+
+    _STATE = ("bad_total", "bad_run", "loss_sum", "loss_count", "quarter_sum", "quarter_count", "gnorm_sum",
+              "steps", "bad_run_max")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running sums (so a resumed run logs exactly what an uninterrupted one would)."""
+        return {k: getattr(self, k).clone() for k in self._STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k in self._STATE:
+            getattr(self, k).copy_(state[k])
+
+    def add_losses(self, losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> None:
+        """Accumulate per-example losses (B,) and their timesteps (B,) into totals and quarters."""
+        losses = losses.detach().double()
+        finite = torch.isfinite(losses)
+        losses = torch.where(finite, losses, 0.0)  # a NaN example must not poison the interval mean
+        quarter = (t * 4 // num_timesteps).clamp_(0, 3)  # (B,)
+        self.loss_sum += losses.sum()
+        self.loss_count += finite.sum()
+        self.quarter_sum.index_add_(0, quarter, losses)
+        self.quarter_count.index_add_(0, quarter, finite.double())
+
+    def add_step(self, grad_norm: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Record one optimiser step's gradient norm and whether it was skipped."""
+        ok = 1.0 - found_inf
+        self.gnorm_sum += torch.where(found_inf > 0, 0.0, grad_norm.double())
+        self.steps += ok.double()
+        self.bad_total += found_inf
+        self.bad_run.mul_(found_inf).add_(found_inf)  # consecutive count: reset to 0 by a good step
+        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+
+    def read(self) -> dict[str, float]:
+        """ONE device-to-host transfer of every statistic; resets the interval sums."""
+        packed = torch.cat(
+            [
+                torch.stack([self.loss_sum, self.loss_count, self.gnorm_sum, self.steps]),
+                self.quarter_sum,
+                self.quarter_count,
+                torch.stack([self.bad_total, self.bad_run_max]).double(),
+            ]
+        ).tolist()
+        loss_sum, loss_count, gnorm_sum, steps = packed[:4]
+        q_sum, q_count = packed[4:8], packed[8:12]
+        out = {
+            "loss": loss_sum / loss_count if loss_count else float("nan"),
+            "grad_norm": gnorm_sum / steps if steps else float("nan"),
+            "bad_steps_total": packed[12],
+            "bad_steps_in_a_row": packed[13],
+        }
+        for q in range(4):
+            if q_count[q]:
+                out[f"loss_q{q}"] = q_sum[q] / q_count[q]
+        self.reset()
+        return out
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the batch: the objects and the fixed choices of the run."""
+
+    model: nn.Module  # possibly compiled and/or DDP-wrapped
+    diffusion: GaussianDiffusion
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    generator: torch.Generator  # training noise, timesteps and label dropout
+    precision: str
+    device: torch.device
+    ranks: Ranks
+    null_label: int | None
+    p_uncond: float
+    grad_clip: float
+    grad_accum: int
+
+
+def _global_then_local(ctx: StepContext, local_batch: int, make) -> torch.Tensor:
+    """Draw a random tensor for the GLOBAL batch and keep this rank's slice.
+
+    Every rank draws the same global tensor from the same generator, so a run on N ranks uses exactly the
+    noise, timesteps and label dropout of a single-process run with the same global batch.
+    """
+    full = make(local_batch * ctx.ranks.world_size)
+    start = ctx.ranks.rank * local_batch
+    return full[start : start + local_batch]
+
+
+def _micro_step(ctx: StepContext, x0: torch.Tensor, y: torch.Tensor, stats: StepStats, sync: bool) -> torch.Tensor:
+    """Forward and backward on one micro-batch; returns the mean loss (a device scalar)."""
+    b, dev, gen, T = x0.shape[0], ctx.device, ctx.generator, ctx.diffusion.num_timesteps
+    t = _global_then_local(ctx, b, lambda n: torch.randint(0, T, (n,), generator=gen, device=dev))  # (B,)
+    noise = _global_then_local(
+        ctx, b, lambda n: torch.randn((n, *x0.shape[1:]), generator=gen, device=dev)
+    )  # (B, C, H, W)
+    if ctx.null_label is not None:
+        # classifier-free guidance training: replace the label by the null label with probability p_uncond
+        drop = _global_then_local(ctx, b, lambda n: torch.rand(n, generator=gen, device=dev)) < ctx.p_uncond
+        y = torch.where(drop, ctx.null_label, y)  # (B,)
+    else:
+        y = None
+    no_sync = getattr(ctx.model, "no_sync", None)
+    with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+        with autocast(ctx.precision, dev):
+            losses = ctx.diffusion.training_losses(ctx.model, x0, t, y, noise=noise)  # (B,)
+        loss = losses.float().mean() / ctx.grad_accum
+        (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+    stats.add_losses(losses, t, T)
+    return loss
+
+
+def train_step(ctx: StepContext, batches, stats: StepStats) -> None:
+    """One optimiser step over `grad_accum` micro-batches; skipped on the device if anything is not finite."""
+    loss_total = torch.zeros((), device=ctx.device)
+    for i in range(ctx.grad_accum):
+        x0, y = batches.next()  # (B, C, H, W), (B,)
+        loss_total += _micro_step(ctx, x0, y, stats, sync=i == ctx.grad_accum - 1).detach()
+    params = [p for p in ctx.model.parameters() if p.grad is not None]
+    if ctx.scaler:
+        ctx.scaler.unscale_(ctx.optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # device scalar, no sync
+    if ctx.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, ctx.grad_clip, grad_norm)
+    found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(loss_total))).float()
+    if ctx.scaler:
+        ctx.scaler.step(ctx.optimizer)  # GradScaler skips its own non-finite steps
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.found_inf = found_inf  # fused AdamW skips the update on the device when set
+        ctx.optimizer.step()
+        del ctx.optimizer.found_inf
+    ctx.optimizer.zero_grad(set_to_none=True)
+    stats.add_step(grad_norm, found_inf)

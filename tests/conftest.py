@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny, fast configuration and a prepared `shapes` dataset in a temporary repo."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddpm.config import Config
+
+TINY = {
+    "seed": 0,
+    "schedule": "linear",
+    "data": {"dataset": "shapes", "image_size": 16, "shapes_per_class": 12, "holdout_fraction": 0.25},
+    "model": {"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
+              "num_groups": 8, "dropout": 0.0, "num_classes": 10},
+    "diffusion": {"timesteps": 40},
+    "train": {"device": "cpu", "batch_size": 8, "steps": 6, "lr": 1e-3, "warmup_steps": 2, "precision": "fp32",
+              "compile": False, "channels_last": False, "sample_every": 3, "checkpoint_every": 2,
+              "ema_decay": 0.9},
+    "sample": {"steps": 4, "num_samples": 20, "batch_size": 20, "grid_per_class": 2, "denoise_frames": 3,
+               "guidance_scale": 1.0},
+    "evaluate": {"fid": False, "classifier": {"epochs": 1, "width": 8, "batch_size": 32},
+                 "guidance_sweep": [0.0, 1.0], "sweep_samples": 20},
+    "tracking": {"experiment": "test", "log_every": 2, "system_metrics": False},
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep-merge `overrides` into a copy of `base`."""
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_params(**overrides) -> dict:
+    """The tiny params as plain data, with section overrides (`train={"steps": 4}`)."""
+    return merge(TINY, overrides)
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    return Config.from_dict(tiny_params())
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch) -> Path:
+    """A temporary repository root holding the tiny params.yaml; the cwd for the test."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

@@ -1,0 +1,216 @@
+"""The training workflow: outputs, exact resume, determinism, the NaN guard, signals, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm.train as train_mod
+from conftest import tiny_params
+from ddpm.checkpoint import load_checkpoint
+from ddpm.config import Config
+from ddpm.data import prepare
+from ddpm.errors import UserError
+from ddpm.resume import ResumeStore, resume_key, resume_root
+from ddpm.train import Interrupted, TrainPaths, train
+
+NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
+
+
+def _cfg(**sections) -> Config:
+    sections.setdefault("tracking", NO_TRACKING)
+    return Config.from_dict(tiny_params(**sections))
+
+
+def _prepared(root: Path, cfg: Config) -> TrainPaths:
+    paths = TrainPaths.under(root)
+    prepare(cfg, paths.prepared)
+    return paths
+
+
+def _tensors(state, prefix=""):
+    """Flatten nested dicts/lists of tensors to {path: tensor}."""
+    out = {}
+    if isinstance(state, torch.Tensor):
+        out[prefix] = state
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            out.update(_tensors(v, f"{prefix}.{k}"))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            out.update(_tensors(v, f"{prefix}[{i}]"))
+    return out
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs"
+
+
+def test_train_writes_declared_outputs(tmp_path):
+    cfg = _cfg()
+    paths = _prepared(tmp_path, cfg)
+    metrics = train(cfg, paths)
+    assert metrics["steps"] == cfg.train.steps
+    assert metrics["images_seen"] == cfg.train.steps * cfg.train.batch_size
+    ckpt = load_checkpoint(paths.ema)
+    assert Config.from_dict(ckpt["config"]) == cfg  # the config travels with the weights
+    assert ckpt["class_names"][0] == "circle" and len(ckpt["class_names"]) == 10
+    assert all(torch.isfinite(t).all() for t in _tensors(ckpt["ema"]).values())
+    stored = json.loads(paths.metrics.read_text())
+    assert stored["steps"] == cfg.train.steps and "images_per_s" in stored["timing"]
+    rows = paths.plot.read_text().splitlines()
+    assert rows[0].split("\t")[:2] == ["step", "loss"]
+    assert [int(r.split("\t")[0]) for r in rows[1:]] == [2, 4, 6]  # every tracking.log_every steps
+    assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    # a finished run keeps only its last resume checkpoint
+    store_dir = next(resume_root(tmp_path).iterdir())
+    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt"]
+
+
+def test_two_clean_runs_are_byte_identical(tmp_path):
+    cfg = _cfg()
+    a = _prepared(tmp_path / "a", cfg)
+    b = _prepared(tmp_path / "b", cfg)
+    ma, mb = train(cfg, a), train(cfg, b)
+    assert a.ema.read_bytes() == b.ema.read_bytes()
+    assert {k: v for k, v in ma.items() if k != "timing"} == {k: v for k, v in mb.items() if k != "timing"}
+    assert a.plot.read_text() == b.plot.read_text()
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
+    cfg = _cfg(train={"steps": 7, "checkpoint_every": 3})
+    reference = _prepared(tmp_path / "ref", cfg)
+    train(cfg, reference)
+
+    crashed = _prepared(tmp_path / "crash", cfg)
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def dies_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # steps 1-4 done, a checkpoint exists at step 3
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, crashed)
+    assert not crashed.ema.exists()
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    train(cfg, crashed)  # resumes at step 3
+    _assert_identical(load_checkpoint(reference.ema), load_checkpoint(crashed.ema))
+    assert reference.plot.read_text() == crashed.plot.read_text()
+
+
+def test_changed_training_param_starts_afresh(tmp_path):
+    cfg = _cfg()
+    paths = _prepared(tmp_path, cfg)
+    train(cfg, paths)
+    other = _cfg(train={"lr": 5e-4})
+    data_hash = json.loads((paths.prepared / "meta.json").read_text())["content_hash"]
+    assert resume_key(cfg, data_hash) != resume_key(other, data_hash)
+    assert resume_key(cfg, data_hash) != resume_key(cfg, "another dataset")
+    assert resume_key(cfg, data_hash) == resume_key(_cfg(tracking={**NO_TRACKING, "log_every": 3}), data_hash)
+
+
+def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    cfg = _cfg()
+    store = ResumeStore(tmp_path / "store")
+    base = {"format_version": 1, "config": cfg.to_dict(), "ema": {}, "model": {}}
+    store.save({**base, "step": 1})
+    store.save({**base, "step": 2})
+    store.last.write_bytes(store.last.read_bytes()[:100])  # truncated, as after a crash mid-copy
+    assert store.load()["step"] == 1
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    cfg = _cfg(train={"steps": 4, "max_bad_steps": 2}, tracking={**NO_TRACKING, "log_every": 1})
+    paths = _prepared(tmp_path, cfg)
+    real_losses = train_mod.GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def nan_on_second_call(self, *args, **kwargs):
+        calls["n"] += 1
+        losses = real_losses(self, *args, **kwargs)
+        return losses * float("nan") if calls["n"] == 2 else losses
+
+    monkeypatch.setattr(train_mod.GaussianDiffusion, "training_losses", nan_on_second_call)
+    metrics = train(cfg, paths)
+    assert metrics["bad_steps"] == 1
+    ckpt = load_checkpoint(paths.ema)
+    assert all(torch.isfinite(t).all() for t in _tensors(ckpt).values())
+    resume = load_checkpoint(next(resume_root(tmp_path).iterdir()) / "last.pt")
+    assert all(torch.isfinite(t).all() for t in _tensors(resume["model"]).values())
+    # AdamW's own step count shows the skipped update did not happen
+    steps = {int(s["step"]) for s in resume["optimizer"]["state"].values()}
+    assert steps == {3}
+
+
+def test_too_many_bad_steps_in_a_row_stop_training(tmp_path, monkeypatch):
+    cfg = _cfg(train={"steps": 6, "max_bad_steps": 2}, tracking={**NO_TRACKING, "log_every": 3})
+    paths = _prepared(tmp_path, cfg)
+    real_losses = train_mod.GaussianDiffusion.training_losses
+    monkeypatch.setattr(train_mod.GaussianDiffusion, "training_losses",
+                        lambda self, *a, **k: real_losses(self, *a, **k) * float("inf"))
+    with pytest.raises(UserError, match="3 consecutive steps had a non-finite loss"):
+        train(cfg, paths)
+    assert not paths.ema.exists()
+
+
+def test_sigterm_checkpoints_and_marks_the_run_killed(tmp_path, monkeypatch):
+    import mlflow
+
+    cfg = _cfg(tracking={"mlflow": True, "tensorboard": False, "system_metrics": False, "log_every": 1})
+    paths = _prepared(tmp_path, cfg)
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def terminate_during_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", terminate_during_step_3)
+    with pytest.raises(Interrupted) as info:
+        train(cfg, paths)
+    assert info.value.signum == signal.SIGTERM
+    store = ResumeStore(next(resume_root(tmp_path).iterdir()))
+    ckpt = store.load()
+    assert ckpt["step"] == 3  # the step in flight finished, then the state was saved
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(ckpt["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    train(cfg, paths)  # resumes the same MLflow run; its loss history continues
+    run = client.get_run(ckpt["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads(paths.run_info.read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_class_count_mismatch_is_a_clear_error(tmp_path):
+    cfg = _cfg()
+    paths = _prepared(tmp_path, cfg)
+    wrong = _cfg(model={"num_classes": 7})
+    with pytest.raises(UserError, match="prepared data has 10 classes but model.num_classes is 7"):
+        train(wrong, paths)
+    assert not paths.ema.exists()
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    cfg = _cfg(train={"precision": "fp16"})
+    paths = _prepared(tmp_path, cfg)
+    with pytest.raises(UserError, match="fp16"):
+        train(cfg, paths)
