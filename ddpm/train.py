@@ -183,7 +183,8 @@ def _build(cfg: Config, ranks: Ranks, device: torch.device, data) -> Run:
     if cfg.train.compile:
         trained = torch.compile(trained, mode=cfg.train.compile_mode)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    batches = make_batches(data, cfg, device, rank=ranks.rank, world_size=ranks.world_size)
+    batches = make_batches(data, cfg, device, rank=ranks.rank, world_size=ranks.world_size,
+                           batch_size=cfg.train.batch_size // cfg.train.grad_accum)  # one micro-batch
     return Run(cfg, ranks, device, model, trained, diffusion, ema, optimizer, scheduler, scaler, generator,
                batches, StepStats(device))
 
