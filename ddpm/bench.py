@@ -1,0 +1,242 @@
+"""`python -m ddpm bench`: training and sampling throughput, peak memory and MFU, optionally A/B against
+diffusers' `UNet2DModel` at the matching configuration, timed in the same process and the same loop.
+
+Both networks are trained through the SAME step (`train_step.train_step`: L_simple, fused AdamW, grad
+clipping, the on-device NaN guard), on a fixed synthetic batch held on the device, so the comparison
+measures the networks. Measurements alternate (ours, theirs, ours, ...) and report the median round.
+Prints a table, then one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddpm.config import Config, ModelConfig
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import UserError
+from ddpm.runtime import Ranks, autocast, device_description, enable_tf32, resolve_device
+from ddpm.train_step import StepContext, StepStats, train_step
+from ddpm.unet import UNet, forward_flops
+
+# dense peak FLOP/s per precision (fp32 runs use TF32 tensor cores), from the vendors' data sheets
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+}
+
+
+class _DiffusersAdapter(nn.Module):
+    """diffusers' UNet2DModel behind our `model(x, t, y)` interface."""
+
+    def __init__(self, unet: nn.Module, image_size: int):
+        super().__init__()
+        self.unet, self.image_size, self.in_channels = unet, image_size, 3
+
+    def forward(self, x, t, y=None):
+        return self.unet(x, t, class_labels=y).sample
+
+
+def diffusers_unet(cfg: ModelConfig, image_size: int) -> nn.Module:
+    """diffusers' UNet2DModel matching our U-Net: channels, blocks, attention resolutions, class embedding."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise UserError("--vs diffusers needs the optional bench extra: pip install -e '.[bench]'") from None
+    levels = len(cfg.channel_mult)
+    attn = [image_size // 2**i in cfg.attention_resolutions for i in range(levels)]
+    unet = UNet2DModel(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        norm_num_groups=cfg.num_groups,
+        dropout=cfg.dropout,
+        attention_head_dim=cfg.channels * max(cfg.channel_mult) // cfg.num_heads,
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
+        flip_sin_to_cos=False,
+        freq_shift=0,
+    )
+    return _DiffusersAdapter(unet, image_size)
+
+
+class _FixedBatch:
+    """A synthetic batch that never changes (the benchmark measures the step, not the data path)."""
+
+    def __init__(self, batch: int, size: int, num_classes: int, device: torch.device, channels_last: bool):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.rand((batch, 3, size, size), generator=gen) * 2 - 1  # (B, C, H, W)
+        self.x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.y = torch.randint(0, max(num_classes, 1), (batch,), generator=gen).to(device)  # (B,)
+
+    def next(self):
+        return self.x, self.y
+
+
+@dataclass
+class Candidate:
+    """One network set up for timing: its training step and its forward pass."""
+
+    name: str
+    model: nn.Module
+    ctx: StepContext
+    batches: _FixedBatch
+    stats: StepStats
+
+    def train_steps(self, n: int) -> None:
+        for _ in range(n):
+            train_step(self.ctx, self.batches, self.stats)
+
+    @torch.inference_mode()
+    def sample_nfe(self, n: int) -> None:
+        """n guided network evaluations: a batch of 2B (conditional + unconditional halves)."""
+        x, y = self.batches.next()
+        x2, y2 = torch.cat([x, x]), torch.cat([y, torch.full_like(y, max(self.ctx.null_label or 0, 0))])
+        t = torch.full((len(x2),), 500 % self.ctx.diffusion.num_timesteps, device=x.device)
+        for _ in range(n):
+            with autocast(self.ctx.precision, x.device):
+                self.ctx.model(x2, t, y2 if self.ctx.null_label is not None else None)
+
+
+def _candidate(name: str, net: nn.Module, cfg: Config, precision: str, compile_: bool, batch: int,
+               device: torch.device) -> Candidate:
+    net = net.to(device).to(memory_format=torch.channels_last)
+    diffusion = GaussianDiffusion.from_config(cfg).to(device)
+    trained = torch.compile(net) if compile_ else net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    null = cfg.model.num_classes if cfg.model.num_classes else None
+    ctx = StepContext(trained, diffusion, opt, torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+                      torch.Generator(device=device).manual_seed(0), precision, device, Ranks(), null, 0.1,
+                      1.0, 1)
+    return Candidate(name, trained, ctx, _FixedBatch(batch, cfg.data.image_size, cfg.model.num_classes, device,
+                                                      True), StepStats(device))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, n: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn(n)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _measure(cands: list[Candidate], steps: int, warmup: int, rounds: int, device: torch.device) -> dict:
+    """Interleaved rounds (A, B, A, B, ...); median images/s for training and for one guided NFE."""
+    for c in cands:  # warm-up (and compilation) outside the timed rounds
+        c.train_steps(warmup)
+        c.sample_nfe(warmup)
+    train = {c.name: [] for c in cands}
+    nfe = {c.name: [] for c in cands}
+    for _ in range(rounds):
+        for c in cands:
+            batch = len(c.batches.x)
+            train[c.name].append(batch * steps / _time(c.train_steps, steps, device))
+            nfe[c.name].append(batch * steps / _time(c.sample_nfe, steps, device))
+    return {c.name: {"train_images_per_s": statistics.median(train[c.name]),
+                     "sample_images_per_s_per_nfe": statistics.median(nfe[c.name])} for c in cands}
+
+
+def _precisions(spec: str, device: torch.device) -> list[str]:
+    supported = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    wanted = supported if spec == "all" else [p.strip() for p in spec.split(",")]
+    bad = [p for p in wanted if p not in supported]
+    if bad:
+        raise UserError(f"precision {bad} is not supported on {device.type}; choose from {supported}")
+    return wanted
+
+
+def _peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[precision] for key, p in PEAK_FLOPS.items() if key in name), None)
+
+
+def bench_config(cfg: Config, reference: bool) -> Config:
+    """params.yaml's network, or the DDPM CIFAR-10 reference network (10 classes, 32x32)."""
+    if not reference:
+        return cfg
+    return cfg.model_copy(update={"model": ModelConfig(num_classes=10),
+                                  "data": cfg.data.model_copy(update={"image_size": 32})})
+
+
+def run_bench(cfg: Config, *, batch: int, steps: int, warmup: int, precisions: list[str], compiles: list[bool],
+              vs_diffusers: bool, device: torch.device, rounds: int = 3) -> dict:
+    """Every (precision, compile) combination: images/s, peak memory, MFU, and the diffusers ratio."""
+    enable_tf32()
+    image_size = cfg.data.image_size
+    flops = forward_flops(cfg.model, image_size)
+    ours_params = sum(p.numel() for p in UNet(cfg.model, image_size).parameters())
+    result = {"device": device_description(device), "batch_size": batch, "image_size": image_size,
+              "forward_gflop_per_image": flops / 1e9, "params_ours": ours_params, "runs": []}
+    if vs_diffusers:
+        result["params_diffusers"] = sum(p.numel() for p in diffusers_unet(cfg.model, image_size).parameters())
+    for precision in precisions:
+        for comp in compiles:
+            torch.manual_seed(0)
+            cands = [_candidate("ours", UNet(cfg.model, image_size), cfg, precision, comp, batch, device)]
+            if vs_diffusers:
+                cands.append(_candidate("diffusers", diffusers_unet(cfg.model, image_size), cfg, precision, comp,
+                                        batch, device))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            figures = _measure(cands, steps, warmup, rounds, device)
+            run = {"precision": precision, "compile": comp, **{f"{k}_{n}": v for n, f in figures.items()
+                                                                 for k, v in f.items()}}
+            if device.type == "cuda":
+                run["peak_memory_gib_all"] = torch.cuda.max_memory_allocated(device) / 2**30
+            peak = _peak(device, precision)
+            if peak:
+                run["mfu_ours"] = figures["ours"]["train_images_per_s"] * 3 * flops / peak
+            if vs_diffusers:
+                run["train_ratio_vs_diffusers"] = (figures["ours"]["train_images_per_s"]
+                                                   / figures["diffusers"]["train_images_per_s"])
+            result["runs"].append(run)
+            del cands
+    ratios = [r["train_ratio_vs_diffusers"] for r in result["runs"] if "train_ratio_vs_diffusers" in r]
+    if ratios:
+        result["train_ratio_vs_diffusers"] = min(ratios)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A human-readable table of `run_bench`'s runs."""
+    keys = sorted({k for r in result["runs"] for k in r} - {"precision", "compile"})
+    head = ["precision", "compile"] + keys
+    lines = ["  ".join(f"{h:>14}" for h in head)]
+    for r in result["runs"]:
+        cells = [r["precision"], str(r["compile"])] + [
+            f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        lines.append("  ".join(f"{c:>14}" for c in cells))
+    header = (f"device: {result['device']}  batch {result['batch_size']}  {result['image_size']}x"
+              f"{result['image_size']}  forward {result['forward_gflop_per_image']:.2f} GFLOP/image  "
+              f"params ours {result['params_ours'] / 1e6:.2f}M")
+    if "params_diffusers" in result:
+        header += f"  diffusers {result['params_diffusers'] / 1e6:.2f}M"
+    return header + "\n" + "\n".join(lines)
+
+
+def bench_cli(cfg: Config, args) -> None:
+    """`python -m ddpm bench`: the table, then one JSON line."""
+    device = resolve_device(args.device)
+    bcfg = bench_config(cfg, args.reference)
+    compiles = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
+    result = run_bench(bcfg, batch=args.batch_size, steps=args.steps, warmup=args.warmup,
+                       precisions=_precisions(args.precision, device), compiles=compiles,
+                       vs_diffusers=args.vs == "diffusers", device=device)
+    print(format_table(result))
+    print(json.dumps(result))
