@@ -1,0 +1,200 @@
+"""FID/IS plumbing with a randomly initialised FID Inception (no download), weights resolution and stats files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from torch_fidelity.metric_isc import isc_features_to_metric
+
+from ddpm import fid
+from ddpm.errors import UserError
+from ddpm.fid import (
+    InceptionFeatures,
+    fid_from_features,
+    hub_cache_paths,
+    inception_outputs,
+    inception_score,
+    load_stats,
+    resolve_inception_weights,
+    save_stats,
+)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's InceptionV3 with random weights, saved as the plain state dict it loads."""
+    mp = pytest.MonkeyPatch()
+    # Build the module without its weights: skip the download and the load of the (absent) state dict.
+    mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        mp.undo()
+    # torch's default init shrinks the signal ~10x per layer (pool features ~1e-8, every FID ~0);
+    # Kaiming init keeps the activations O(1) so the features actually differ between images.
+    gen = torch.Generator().manual_seed(1)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=gen)
+    torch.nn.init.normal_(net.fc.weight, std=2048**-0.5, generator=gen)
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(6, 3, 1, 1))  # (N, 3, 1, 1) a colour per image
+    noise = rng.integers(-40, 41, size=(6, 3, 16, 16))  # (N, 3, 16, 16)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def outputs(random_weights, images) -> tuple[np.ndarray, np.ndarray]:
+    extractor = InceptionFeatures(random_weights, "cpu")
+    return inception_outputs(extractor, images, batch_size=4)
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache (TORCH_HOME is read on every torch.hub.get_dir call); downloads fail loudly."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_end_to_end_shapes_and_batch_invariance(random_weights, images, outputs):
+    pool, logits = outputs
+    assert pool.shape == (6, 2048) and logits.shape == (6, 1008)
+    assert pool.dtype == np.float64 and logits.dtype == np.float64
+    assert np.isfinite(pool).all() and np.isfinite(logits).all()
+    assert pool.std(axis=0).mean() > 1e-2  # different images -> clearly different features
+    extractor = InceptionFeatures(random_weights, "cpu")
+    pool_one_batch, logits_one_batch = inception_outputs(extractor, torch.from_numpy(images[:3]), batch_size=3)
+    np.testing.assert_allclose(pool_one_batch, pool[:3], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(logits_one_batch, logits[:3], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        inception_outputs(extractor, images.astype(np.float32))
+
+
+@pytest.mark.slow  # one 2048x2048 sqrtm: ~20 s on an idle core, over a minute on a busy shared one
+def test_fid_of_a_set_with_itself_is_zero(outputs):
+    pool, _ = outputs
+    mu = pool.mean(axis=0)
+    sigma = np.cov(pool, rowvar=False)
+    assert np.trace(sigma) > 1.0  # a non-degenerate spread, so "≈ 0" below is meaningful
+    assert fid_from_features(pool, mu, sigma) == pytest.approx(0.0, abs=1e-4)
+    # shifting every feature by 0.1 adds exactly 2048 * 0.1² to the distance
+    assert fid_from_features(pool + 0.1, mu, sigma) == pytest.approx(2048 * 0.01, rel=1e-4)
+
+
+def test_inception_score_of_random_net_is_in_range(outputs):
+    _, logits = outputs
+    mean, std = inception_score(logits, splits=2)
+    assert 1.0 <= mean <= 3.0 and std >= 0.0  # 3 images per split: IS <= 3
+
+
+def test_no_weights_is_a_user_error_with_instructions(empty_hub):
+    with pytest.raises(UserError) as err:
+        InceptionFeatures(None, "cpu")
+    message = str(err.value)
+    assert fid.INCEPTION_URL in message
+    assert "evaluate.inception_weights" in message and "evaluate.fid: false" in message
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_inception_weights(empty_hub / "nowhere.pth")
+
+
+def test_weights_come_from_path_then_cache_then_allowed_download(empty_hub, tmp_path, monkeypatch):
+    explicit = tmp_path / "mine.pth"
+    explicit.write_bytes(b"x")
+    assert resolve_inception_weights(str(explicit)) == explicit
+    cached = hub_cache_paths()[1]  # pytorch-fid's file name is accepted too
+    assert cached.parent == empty_hub
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert resolve_inception_weights(None) == cached
+    cached.unlink()
+
+    def fake_download(url, dst, hash_prefix=None):
+        assert url == fid.INCEPTION_URL and hash_prefix == "6726825d"
+        Path(dst).write_bytes(b"downloaded")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    with pytest.raises(UserError):  # a download needs explicit permission
+        resolve_inception_weights(None)
+    got = resolve_inception_weights(None, allow_download=True)
+    assert got == hub_cache_paths()[0] and got.read_bytes() == b"downloaded"
+    assert sorted(p.name for p in empty_hub.iterdir()) == [got.name]  # no temporary files left
+
+
+def test_unusable_weights_files_are_user_errors(tmp_path, empty_hub):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    with pytest.raises(UserError, match="not a readable weights file"):
+        InceptionFeatures(garbage, "cpu")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(10, 2048)}, wrong)
+    with pytest.raises(UserError, match="does not hold the FID Inception"):
+        InceptionFeatures(wrong, "cpu")
+    incomplete = tmp_path / "incomplete.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, incomplete)
+    with pytest.raises(UserError, match="does not match"):
+        InceptionFeatures(incomplete, "cpu")
+
+
+def test_inception_score_matches_torch_fidelity():
+    logits = torch.randn(230, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    expected = isc_features_to_metric(logits, splits=10)
+    mean, std = inception_score(logits.numpy(), splits=10)
+    assert mean == pytest.approx(expected["inception_score_mean"], rel=1e-12)
+    assert std == pytest.approx(expected["inception_score_std"], rel=1e-9)
+
+
+def test_inception_score_analytic_values():
+    # identical predictions: p(y|x) = p(y), KL = 0, IS = 1
+    assert inception_score(np.tile(np.linspace(-1, 1, 1008), (40, 1)), splits=4) == pytest.approx((1.0, 0.0))
+    # confident and uniformly spread over 50 classes: IS = exp(H(uniform_50)) = 50
+    confident = np.zeros((50, 1008))
+    confident[np.arange(50), np.arange(50)] = 100.0
+    mean, std = inception_score(confident, splits=1)
+    assert mean == pytest.approx(50.0, rel=1e-6) and std == 0.0
+    with pytest.raises(UserError, match="at least splits"):
+        inception_score(confident[:5], splits=10)
+
+
+def test_stats_round_trip_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=7), rng.normal(size=(7, 7))
+    path = tmp_path / "stats" / "train.npz"
+    save_stats(path, mu, sigma)
+    got_mu, got_sigma = load_stats(path)
+    assert got_mu.dtype == np.float64 and np.array_equal(got_mu, mu) and np.array_equal(got_sigma, sigma)
+    assert [p.name for p in path.parent.iterdir()] == ["train.npz"]  # np.savez added no suffix, no temp left
+    with pytest.raises(UserError, match="not found"):
+        load_stats(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot read"):
+        load_stats(bad)
+    with pytest.raises(ValueError):
+        save_stats(tmp_path / "x.npz", mu, sigma[:3])
+    with pytest.raises(UserError, match="cannot read"):  # an npz without the arrays
+        np.savez(tmp_path / "other.npz", something=mu)
+        load_stats(tmp_path / "other.npz")
+
+
+def test_disabled_stats_marker(tmp_path):
+    save_stats(tmp_path / "off.npz", None, None)
+    assert load_stats(tmp_path / "off.npz") == (None, None)
