@@ -153,6 +153,7 @@ class EvaluateConfig(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     fid: bool = True
     inception_weights: str | None = None  # a local pt_inception-2015-12-05 file; else cache or download
+    download_inception: bool = True  # fetch the weights into the torch hub cache when neither is there
     guidance_sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     sweep_samples: int = Field(2000, ge=10)  # samples per sweep point
     pr_k: int = Field(3, ge=1)  # k of the k-NN manifolds for precision/recall

@@ -1,0 +1,179 @@
+"""`python -m ddpm {prepare,classifier,fid-stats,train,sample,evaluate,compare,bench}`.
+
+The DVC stage scripts in `stages/` call `run_stage`, so a stage and its CLI command run the same code.
+Problems the user can fix (`UserError`) print one short message and exit 2 (a traceback only with
+`--debug`); SIGINT/SIGTERM during training checkpoint and exit 128 + signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ddpm.config import Config, load_config
+from ddpm.errors import UserError
+
+
+def repo_root() -> Path:
+    """The directory holding params.yaml: DVC runs stages there (DVC_ROOT when set), as does the CLI."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def _guarded(fn: Callable[[], object], debug: bool) -> int:
+    """Run `fn`, turning user errors and interruptions into exit codes."""
+    from ddpm.train import Interrupted  # heavy import, only when running
+
+    try:
+        fn()
+        return 0
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Interrupted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 128 + err.signum
+
+
+def run_stage(work: Callable[[Config, Path], object], argv: list[str] | None = None) -> None:
+    """Entry point of a DVC stage script: validate params.yaml, run one workflow, exit with its status."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    args = parser.parse_args(argv)
+    root = repo_root()
+
+    def go():
+        cfg = load_config(root / args.params if not Path(args.params).is_absolute() else args.params)
+        work(cfg, root)
+
+    sys.exit(_guarded(go, args.debug))
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _cmd_prepare(cfg: Config, args) -> None:
+    from ddpm.data import prepare
+
+    _print_json(prepare(cfg, repo_root() / "data/prepared"))
+
+
+def _cmd_classifier(cfg: Config, args) -> None:
+    from ddpm.evaluate import EvaluatePaths, classifier_stage
+
+    _print_json(classifier_stage(cfg, EvaluatePaths.under(repo_root())))
+
+
+def _cmd_fid_stats(cfg: Config, args) -> None:
+    from ddpm.evaluate import EvaluatePaths, fid_stats_stage
+
+    _print_json(fid_stats_stage(cfg, EvaluatePaths.under(repo_root())))
+
+
+def _cmd_train(cfg: Config, args) -> None:
+    from ddpm.train import TrainPaths, train
+
+    _print_json(train(cfg, TrainPaths.under(repo_root())))
+
+
+def _cmd_sample(cfg: Config, args) -> None:
+    from ddpm.sample import SamplePaths, sample_cli, sample_stage
+
+    if args.out is None:
+        _print_json(sample_stage(cfg, SamplePaths.under(repo_root())))
+    else:
+        sample_cli(cfg, args)
+
+
+def _cmd_evaluate(cfg: Config, args) -> None:
+    from ddpm.evaluate import EvaluatePaths, evaluate_stage
+
+    sweep = None if args.guidance_sweep is None else _floats(args.guidance_sweep)
+    _print_json(evaluate_stage(cfg, EvaluatePaths.under(repo_root()), sweep=sweep))
+
+
+def _cmd_compare(cfg: Config, args) -> None:
+    from ddpm.tracking import compare_runs, tracking_uri
+
+    print(compare_runs(args.experiment or cfg.tracking.experiment, tracking_uri(repo_root()),
+                       run_ids=args.runs or None))
+
+
+def _cmd_bench(cfg: Config, args) -> None:
+    from ddpm.bench import bench_cli
+
+    bench_cli(cfg, args)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--guidance-sweep takes numbers separated by commas, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise UserError(f"guidance scales must be >= 0, got {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="prepare the dataset into data/prepared/").set_defaults(fn=_cmd_prepare)
+    sub.add_parser("classifier", help="train the evaluation classifier").set_defaults(fn=_cmd_classifier)
+    sub.add_parser("fid-stats", help="Inception statistics of the training set").set_defaults(fn=_cmd_fid_stats)
+    sub.add_parser("train", help="train (or resume) the diffusion model").set_defaults(fn=_cmd_train)
+    s = sub.add_parser("sample", help="the sample stage, or with --out a grid of chosen classes")
+    s.add_argument("--checkpoint", default="models/ema.pt")
+    s.add_argument("--classes", help="class names or indices, comma-separated (default: all)")
+    s.add_argument("--n", type=int, default=8, help="samples per class")
+    s.add_argument("--guidance", type=float, help="guidance scale w (default: sample.guidance_scale)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sample.sampler")
+    s.add_argument("--steps", type=int, help="default: sample.steps")
+    s.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta)")
+    s.add_argument("--seed", type=int, help="default: seed")
+    s.add_argument("--out", help="write a PNG grid here instead of running the sample stage")
+    s.set_defaults(fn=_cmd_sample)
+    e = sub.add_parser("evaluate", help="metrics of the samples and the guidance sweep")
+    e.add_argument("--guidance-sweep", help="comma-separated guidance scales (default: evaluate.guidance_sweep)")
+    e.set_defaults(fn=_cmd_evaluate)
+    c = sub.add_parser("compare", help="MLflow runs side by side: params that differ, final metrics")
+    c.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    c.add_argument("runs", nargs="*", help="run ids (default: every run of the experiment)")
+    c.set_defaults(fn=_cmd_compare)
+    b = sub.add_parser("bench", help="training and sampling throughput (optionally against diffusers)")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--precision", default="all", help="fp32, bf16, fp16 or all (those the device supports)")
+    b.add_argument("--compile", choices=["on", "off", "both"], default="off")
+    b.add_argument("--vs", choices=["diffusers"], help="also time diffusers' UNet2DModel, A/B interleaved")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--reference", action="store_true", help="the DDPM reference network, not params.yaml's")
+    b.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, validate the params file, run one command."""
+    args = _parser().parse_args(argv)
+    root = repo_root()
+
+    def go():
+        params = Path(args.params)
+        cfg = load_config(params if params.is_absolute() else root / params)
+        args.fn(cfg, args)
+
+    return _guarded(go, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

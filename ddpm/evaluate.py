@@ -1,0 +1,189 @@
+"""The evaluation workflows: the `classifier`, `fid_stats` and `evaluate` stages.
+
+Offline metrics use a small classifier trained on the prepared data (cached by DVC across diffusion
+experiments): class accuracy of conditional samples, the Fréchet distance in its feature space and
+k-NN precision/recall. Standard FID/IS use torch-fidelity's InceptionV3 with the FID weights when
+`evaluate.fid` is on. The guidance sweep repeats the offline metrics for several guidance scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm import atomic
+from ddpm.classifier import extract_features, load_classifier, predict, save_classifier, train_classifier
+from ddpm.config import Config
+from ddpm.data import load_prepared
+from ddpm.errors import UserError
+from ddpm.fid import InceptionFeatures, fid_from_features, inception_outputs, inception_score, load_stats, save_stats
+from ddpm.generate import SamplerSettings
+from ddpm.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
+from ddpm.runtime import resolve_device
+from ddpm.sample import evaluation_set, load_model, load_samples, read_run_id
+from ddpm.tracking import Tracker, write_metrics
+
+SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Inputs and outputs of the classifier, fid_stats and evaluate stages (absolute paths)."""
+
+    root: Path
+    prepared: Path
+    classifier: Path
+    classifier_metrics: Path
+    fid_stats: Path
+    checkpoint: Path
+    run_info: Path
+    samples: Path
+    metrics: Path
+    sweep: Path
+
+    @classmethod
+    def under(cls, root: Path) -> EvaluatePaths:
+        root = Path(root).resolve()
+        return cls(root, root / "data/prepared", root / "models/classifier.pt", root / "metrics/classifier.json",
+                   root / "models/fid_stats.npz", root / "models/ema.pt", root / "models/run.json",
+                   root / "samples/samples.npz", root / "metrics/eval.json", root / "plots/guidance_sweep.tsv")
+
+
+def classifier_stage(cfg: Config, paths: EvaluatePaths) -> dict:
+    """Train the evaluation classifier on the training split; report its held-out accuracy."""
+    data = load_prepared(paths.prepared)
+    device = resolve_device(cfg.train.device)
+    model, acc, per_class = train_classifier(
+        data.train_images, data.train_labels, data.eval_images, data.eval_labels,
+        cfg.evaluate.classifier, device, cfg.seed, hflip=cfg.data.hflip,
+    )
+    metrics = {"accuracy": acc, "per_class": dict(zip(data.class_names, per_class)),
+               "num_eval": int(len(data.eval_labels))}
+    save_classifier(paths.classifier, model, {"class_names": list(data.class_names), "accuracy": acc,
+                                              "data_hash": data.content_hash})
+    write_metrics(paths.classifier_metrics, metrics)
+    return metrics
+
+
+def fid_stats_stage(cfg: Config, paths: EvaluatePaths) -> dict:
+    """Inception pool statistics of the whole training split (computed once; a DVC output).
+
+    With `evaluate.fid: false` the file records that FID is disabled, so the pipeline's shape does not
+    depend on the flag and no weights are needed.
+    """
+    if not cfg.evaluate.fid:
+        save_stats(paths.fid_stats, None, None)
+        return {"fid": "disabled (evaluate.fid: false)"}
+    data = load_prepared(paths.prepared)
+    device = resolve_device(cfg.train.device)
+    extractor = InceptionFeatures(cfg.evaluate.inception_weights, device,
+                                  allow_download=cfg.evaluate.download_inception)
+    feats, _ = inception_outputs(extractor, data.train_images, batch_size=200)
+    mu, sigma = feature_statistics(feats)
+    save_stats(paths.fid_stats, mu, sigma)
+    return {"fid_reference_images": int(len(feats))}
+
+
+def offline_metrics(classifier, images: torch.Tensor, labels: torch.Tensor, real_feats: np.ndarray,
+                    num_classes: int, k: int) -> dict:
+    """Class accuracy, classifier-feature Fréchet distance and precision/recall of uint8 samples."""
+    device = next(classifier.parameters()).device
+    pred = predict(classifier, images, batch_size=500, device=device)  # (N,)
+    acc, per_class = class_accuracy(pred, labels, num_classes)
+    feats = extract_features(classifier, images, batch_size=500, device=device)  # (N, D)
+    fd = frechet_distance(*feature_statistics(feats), *feature_statistics(real_feats))
+    precision, recall = precision_recall(real_feats, feats, k=k)
+    return {"class_accuracy": acc, "class_accuracy_per_class": per_class, "fd_classifier": fd,
+            "precision": precision, "recall": recall}
+
+
+def _fid(cfg: Config, paths: EvaluatePaths, images: torch.Tensor, device: torch.device) -> dict:
+    """Standard FID against the training statistics and the Inception Score."""
+    mu_r, sigma_r = load_stats(paths.fid_stats)
+    if mu_r is None:
+        raise UserError(
+            f"{paths.fid_stats} was made with evaluate.fid: false; rerun the fid_stats stage (dvc repro fid_stats)"
+        )
+    extractor = InceptionFeatures(cfg.evaluate.inception_weights, device,
+                                  allow_download=cfg.evaluate.download_inception)
+    feats, logits = inception_outputs(extractor, images, batch_size=200)
+    is_mean, is_std = inception_score(logits)
+    return {"fid": fid_from_features(feats, mu_r, sigma_r), "inception_score": is_mean,
+            "inception_score_std": is_std}
+
+
+def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None = None) -> dict:
+    """Metrics of the sample stage's images, the real-data floor, FID/IS if on, and the guidance sweep."""
+    data = load_prepared(paths.prepared)
+    classifier = load_classifier(paths.classifier, resolve_device(cfg.train.device))
+    images, labels, meta = load_samples(paths.samples)
+    device = next(classifier.parameters()).device
+    n_real = min(len(images), len(data.eval_images))
+    real = data.eval_images[:n_real]
+    real_feats = extract_features(classifier, real, batch_size=500, device=device)
+    k, num_classes = cfg.evaluate.pr_k, len(data.class_names)
+    metrics = offline_metrics(classifier, images, labels, real_feats, num_classes, k)
+    metrics["class_accuracy_per_class"] = dict(zip(data.class_names, metrics["class_accuracy_per_class"]))
+    # the floor: the same distance between two sets of REAL images of the same size (held-out vs. train)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_idx = torch.randperm(len(data.train_images), generator=gen)[:n_real]
+    train_feats = extract_features(classifier, data.train_images[train_idx], batch_size=500, device=device)
+    metrics["fd_classifier_floor"] = frechet_distance(*feature_statistics(train_feats),
+                                                      *feature_statistics(real_feats))
+    metrics["real_class_accuracy"] = class_accuracy(
+        predict(classifier, real, batch_size=500, device=device), data.eval_labels[:n_real], num_classes)[0]
+    if cfg.evaluate.fid:
+        metrics.update(_fid(cfg, paths, images, device))
+    metrics["sample_settings"] = meta
+    rows = _guidance_sweep(cfg, paths, classifier, real_feats, num_classes,
+                           cfg.evaluate.guidance_sweep if sweep is None else sweep)
+    _write_sweep(paths.sweep, rows)
+    write_metrics(paths.metrics, metrics)
+    _log(cfg, paths, metrics, rows)
+    return metrics
+
+
+def _guidance_sweep(cfg: Config, paths: EvaluatePaths, classifier, real_feats: np.ndarray, num_classes: int,
+                    scales: list[float]) -> list[dict]:
+    """One row of offline metrics (and FID when on) per guidance scale, on fresh samples."""
+    if not scales:
+        return []
+    lm = load_model(paths.checkpoint, cfg)
+    rows = []
+    for w in scales:
+        settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w)
+        images, labels = evaluation_set(lm, settings, cfg.evaluate.sweep_samples, cfg.seed + 2,
+                                        cfg.sample.batch_size, cfg.train.precision)
+        m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k)
+        row = {"guidance_scale": w, **{c: m[c] for c in SWEEP_COLUMNS[1:5]}}
+        if cfg.evaluate.fid:
+            row["fid"] = _fid(cfg, paths, images, lm.device)["fid"]
+        rows.append(row)
+    return rows
+
+
+def _write_sweep(path: Path, rows: list[dict]) -> None:
+    columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)] or SWEEP_COLUMNS[:5]
+    lines = ["\t".join(columns)] + ["\t".join(f"{r[c]:.6g}" for c in columns) for r in rows]
+    atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def _log(cfg: Config, paths: EvaluatePaths, metrics: dict, rows: list[dict]) -> None:
+    """Final metrics (and the sweep, stepped by guidance scale x 100) into the training's MLflow run."""
+    run_id = read_run_id(paths.run_info)
+    if not run_id:
+        return
+    tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={})
+    try:
+        scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        tracker.log_final(scalars)
+        for r in rows:
+            tracker.log_metrics({f"sweep_{k}": v for k, v in r.items() if k != "guidance_scale"},
+                                step=int(round(r["guidance_scale"] * 100)))
+        tracker.log_artifact(paths.metrics)
+        tracker.log_artifact(paths.sweep)
+    finally:
+        tracker.finish("FINISHED")

@@ -1,0 +1,7 @@
+"""DVC stage `classifier`: data/prepared/ -> models/classifier.pt, metrics/classifier.json."""
+
+from ddpm.cli import run_stage
+from ddpm.evaluate import EvaluatePaths, classifier_stage
+
+if __name__ == "__main__":
+    run_stage(lambda cfg, root: classifier_stage(cfg, EvaluatePaths.under(root)))

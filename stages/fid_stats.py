@@ -1,0 +1,7 @@
+"""DVC stage `fid_stats`: data/prepared/ -> models/fid_stats.npz (Inception statistics of the training set)."""
+
+from ddpm.cli import run_stage
+from ddpm.evaluate import EvaluatePaths, fid_stats_stage
+
+if __name__ == "__main__":
+    run_stage(lambda cfg, root: fid_stats_stage(cfg, EvaluatePaths.under(root)))

@@ -1,0 +1,7 @@
+"""DVC stage `prepare`: params -> data/prepared/ (dataset.npz + meta.json)."""
+
+from ddpm.cli import run_stage
+from ddpm.data import prepare
+
+if __name__ == "__main__":
+    run_stage(lambda cfg, root: prepare(cfg, root / "data/prepared"))

@@ -1,0 +1,8 @@
+"""DVC stage `train`: data/prepared/ -> models/ema.pt, models/run.json, metrics/train.json,
+plots/train_loss.tsv, samples/progress/. Also the torchrun entry point for multi-GPU training."""
+
+from ddpm.cli import run_stage
+from ddpm.train import TrainPaths, train
+
+if __name__ == "__main__":
+    run_stage(lambda cfg, root: train(cfg, TrainPaths.under(root)))

@@ -1,0 +1,150 @@
+"""The pipeline as users meet it: dvc.yaml/params.yaml, every stage's declared outputs, `dvc repro`,
+`dvc exp run -S schedule=cosine`, and the MLflow comparison of two experiments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_params
+from ddpm.config import Config, flatten, load_config
+from ddpm.data import prepare
+from ddpm.evaluate import EvaluatePaths, classifier_stage, evaluate_stage, fid_stats_stage
+from ddpm.sample import SamplePaths, sample_stage
+from ddpm.train import TrainPaths, train
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate"]
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def _declared(stage: dict) -> list[str]:
+    out = []
+    for key in ("outs", "metrics", "plots"):
+        for item in stage.get(key, []):
+            out.append(next(iter(item)) if isinstance(item, dict) else item)
+    return out
+
+
+def test_project_params_validate_and_keep_the_cifar10_default():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.data.dataset == "cifar10" and cfg.model == type(cfg.model)()  # the DDPM reference network
+    assert cfg.schedule == "linear" and isinstance(cfg.seed, int)
+
+
+def test_dvc_yaml_stages_are_thin_and_declare_what_they_read():
+    stages = _dvc_yaml()["stages"]
+    assert list(stages) == STAGES
+    known = set(flatten(Config().to_dict())) | {"seed", "schedule"}
+    sections = {k.split(".")[0] for k in known} | {".".join(k.split(".")[:2]) for k in known}
+    for name, stage in stages.items():
+        script = f"stages/{name}.py"
+        assert stage["cmd"] == f"python {script}"
+        assert script in stage["deps"] and "ddpm" in stage["deps"], name
+        for p in stage["params"]:
+            assert p in known or p in sections, f"{name} reads unknown param {p}"
+        source = (ROOT / script).read_text()
+        assert "run_stage(" in source and len(source.splitlines()) < 15, f"{script} should only call ddpm"
+
+
+def test_every_stage_function_writes_its_declared_outputs(repo):
+    cfg = load_config(repo / "params.yaml")
+    prepare(cfg, repo / "data/prepared")
+    ev = EvaluatePaths.under(repo)
+    classifier_stage(cfg, ev)
+    fid_stats_stage(cfg, ev)
+    train(cfg, TrainPaths.under(repo))
+    sample_stage(cfg, SamplePaths.under(repo))
+    metrics = evaluate_stage(cfg, ev)
+    for name, stage in _dvc_yaml()["stages"].items():
+        for path in _declared(stage):
+            assert (repo / path).exists(), f"stage {name} did not write {path}"
+    for key in ("class_accuracy", "fd_classifier", "fd_classifier_floor", "precision", "recall"):
+        assert isinstance(metrics[key], float)
+    sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
+    assert sweep[0].split("\t")[:2] == ["guidance_scale", "class_accuracy"]
+    assert [float(r.split("\t")[0]) for r in sweep[1:]] == list(cfg.evaluate.guidance_sweep)
+
+
+# ----------------------------------------------------------------------------------- real DVC runs
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `python` in dvc.yaml = this venv
+    for k in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline with the tiny params."""
+    for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / item, tmp_path / item)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    params = tiny_params(tracking={"experiment": "cmp", "log_every": 2, "system_metrics": False,
+                                   "tensorboard": True})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], tmp_path)
+    _run(["git", "config", "user.email", "t@example.com"], tmp_path)
+    _run(["git", "config", "user.name", "test"], tmp_path)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    _run(["git", "add", "-A"], tmp_path)
+    _run(["git", "commit", "-qm", "pipeline"], tmp_path)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: Path):
+    import mlflow
+
+    _run([sys.executable, "-m", "dvc", "repro"], dvc_repo)
+    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    ema_hash = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/ema.pt")
+
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "schedule=cosine"], dvc_repo)
+    lock2 = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
+    assert lock2["stages"]["train"]["params"]["params.yaml"]["schedule"] == "cosine"
+    ema_hash2 = next(o["md5"] for o in lock2["stages"]["train"]["outs"] if o["path"] == "models/ema.pt")
+    assert ema_hash2 != ema_hash  # the schedule changed the trained weights
+    # the classifier (and prepared data) were reused from the cache, not retrained
+    assert lock2["stages"]["classifier"] == lock["stages"]["classifier"]
+    shown = _run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], dvc_repo).stdout
+    assert "cosine" in shown and "class_accuracy" in shown
+
+    uri = f"sqlite:///{dvc_repo}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["cmp"], output_format="list")
+    client = mlflow.MlflowClient(uri)
+    assert sorted(r.data.params["schedule"] for r in runs) == ["cosine", "linear"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 3
+        assert "eval_class_accuracy" in r.data.metrics
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40
+        assert r.data.tags["data_hash"]
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert "ema.pt" in names and "grid.png" in names
+    cosine = next(r for r in runs if r.data.params["schedule"] == "cosine")
+    assert cosine.data.tags["dvc.exp_name"] == cosine.info.run_name  # named after the DVC experiment
+    assert len(cosine.data.tags["dvc.exp_baseline_rev"]) == 40
+
+    table = _run([sys.executable, "-m", "ddpm", "compare", "--experiment", "cmp"], dvc_repo).stdout
+    assert "schedule" in table and "cosine" in table and "linear" in table
