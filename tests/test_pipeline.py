@@ -97,10 +97,12 @@ def dvc_repo(tmp_path: Path) -> Path:
     """A fresh git + DVC repository holding this project's pipeline with the tiny params."""
     for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / item, tmp_path / item)
-    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    for folder in ("stages", "ddpm"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = tiny_params(tracking={"experiment": "cmp", "log_every": 2, "system_metrics": False,
                                    "tensorboard": True})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    full = Config.from_dict(params).to_dict()  # DVC needs every key a stage lists to be in the file
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     _run(["git", "init", "-q"], tmp_path)
     _run(["git", "config", "user.email", "t@example.com"], tmp_path)
     _run(["git", "config", "user.name", "test"], tmp_path)
