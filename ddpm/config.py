@@ -231,7 +231,9 @@ class ConfigError(UserError):
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see params.yaml for the allowed keys)"
-            lines.append(f"  {loc}: {msg} (got {e['input']!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+            # a cross-field check names its fields in the message; its "input" is a whole section
+            shown = e["type"] != "missing" and not isinstance(e["input"], dict)
+            lines.append(f"  {loc}: {msg} (got {e['input']!r})" if shown else f"  {loc}: {msg}")
         super().__init__("\n".join(lines))
 
 

@@ -76,9 +76,9 @@ def _download(dest: Path) -> Path:
 
 
 def _check_weights_file(path: Path) -> None:
-    """Open the file with torch.load(weights_only=True) before torch-fidelity loads it.
+    """Open the file with the weights-only unpickler before torch-fidelity loads it.
 
-    torch-fidelity itself calls torch.load(weights_only=False); a file that loads under the
+    torch-fidelity's own loader unpickles without that restriction; a file that loads under the
     restricted unpickler holds only tensors and containers, so the second load runs no code.
     """
     try:

@@ -214,3 +214,36 @@ def test_fp16_on_cpu_is_refused(tmp_path):
     paths = _prepared(tmp_path, cfg)
     with pytest.raises(UserError, match="fp16"):
         train(cfg, paths)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path):
+    """A real `kill -9` of `python -m ddpm train` once a checkpoint exists; the rerun resumes from it."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    params = tiny_params(train={"steps": 40, "checkpoint_every": 5, "sample_every": 0}, tracking=NO_TRACKING)
+    cfg = Config.from_dict(params)
+    reference = _prepared(tmp_path / "ref", cfg)
+    train(cfg, reference)
+
+    repo = tmp_path / "killed"
+    paths = _prepared(repo, cfg)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "ddpm", "train"]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(resume_root(repo).glob("*/previous.pt")) and time.time() < deadline:
+        time.sleep(0.05)  # wait until at least two checkpoints exist, i.e. mid-run
+    proc.kill()
+    proc.wait()
+    assert not paths.ema.exists(), "the run finished before it could be killed"
+    resumed_from = load_checkpoint(next(resume_root(repo).iterdir()) / "last.pt")["step"]
+    assert 0 < resumed_from < 40
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"at step {resumed_from}" in done.stderr
+    assert paths.ema.read_bytes() == reference.ema.read_bytes()
