@@ -135,6 +135,7 @@ class SampleConfig(Section):
     batch_size: int = Field(500, ge=1)  # bounds memory independently of num_samples
     grid_per_class: int = Field(10, ge=1)  # columns of samples/grid.png
     denoise_frames: int = Field(8, ge=2)  # columns of samples/denoise.png
+    compile: bool = False  # torch.compile the EMA network for sampling (pays off for large sample sets)
 
 
 class ClassifierConfig(Section):

@@ -133,8 +133,9 @@ def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None 
     train_feats = extract_features(classifier, data.train_images[train_idx], batch_size=500, device=device)
     metrics["fd_classifier_floor"] = frechet_distance(*feature_statistics(train_feats),
                                                       *feature_statistics(real_feats))
+    # the classifier on ALL held-out real images: equals its own accuracy in metrics/classifier.json
     metrics["real_class_accuracy"] = class_accuracy(
-        predict(classifier, real, batch_size=500, device=device), data.eval_labels[:n_real], num_classes)[0]
+        predict(classifier, data.eval_images, batch_size=500, device=device), data.eval_labels, num_classes)[0]
     if cfg.evaluate.fid:
         metrics.update(_fid(cfg, paths, images, device))
     metrics["sample_settings"] = meta

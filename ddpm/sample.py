@@ -58,6 +58,10 @@ def load_model(checkpoint: Path, cfg: Config) -> LoadedModel:
     device = resolve_device(cfg.train.device)
     check_precision(cfg.train.precision, device)
     train_cfg, model, diffusion = load_ema_model(checkpoint, device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sample.compile:
+        model = torch.compile(model)
     names = load_checkpoint(checkpoint).get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
     return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,6 +71,9 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
             assert (repo / path).exists(), f"stage {name} did not write {path}"
     for key in ("class_accuracy", "fd_classifier", "fd_classifier_floor", "precision", "recall"):
         assert isinstance(metrics[key], float)
+    clf = json.loads((repo / "metrics/classifier.json").read_text())
+    assert metrics["real_class_accuracy"] == clf["accuracy"]  # the same classifier on the same real images
+    assert 0.0 <= metrics["fd_classifier_floor"] < metrics["fd_classifier"]  # untrained samples are worse
     sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
     assert sweep[0].split("\t")[:2] == ["guidance_scale", "class_accuracy"]
     assert [float(r.split("\t")[0]) for r in sweep[1:]] == list(cfg.evaluate.guidance_sweep)
@@ -131,10 +135,9 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     shown = _run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], dvc_repo).stdout
     assert "cosine" in shown and "class_accuracy" in shown
 
-    uri = f"sqlite:///{dvc_repo}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["cmp"], output_format="list")
-    client = mlflow.MlflowClient(uri)
+    # the client, not mlflow.set_tracking_uri: that would export MLFLOW_TRACKING_URI to later tests
+    client = mlflow.MlflowClient(f"sqlite:///{dvc_repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
     assert sorted(r.data.params["schedule"] for r in runs) == ["cosine", "linear"]
     for r in runs:
         assert r.info.status == "FINISHED"

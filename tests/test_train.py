@@ -247,3 +247,28 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"at step {resumed_from}" in done.stderr
     assert paths.ema.read_bytes() == reference.ema.read_bytes()
+
+
+def test_low_disk_space_is_warned_about(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    cfg = _cfg(train={"steps": 1})
+    paths = _prepared(tmp_path, cfg)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    train(cfg, paths)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "GiB free" in err and "checkpoints and samples" in err
+
+
+def test_gradient_accumulation_counts_images_once(tmp_path):
+    cfg = _cfg(train={"grad_accum": 2, "steps": 2, "sample_every": 0})
+    paths = _prepared(tmp_path, cfg)
+    metrics = train(cfg, paths)
+    assert metrics["images_seen"] == 2 * cfg.train.batch_size
+    resume = load_checkpoint(next(resume_root(tmp_path).iterdir()) / "last.pt")
+    # two steps of batch 8 as micro-batches of 4: 16 images consumed from the data stream
+    assert resume["batches"]["position"] + resume["batches"]["epoch"] * 90 == 16
+    with pytest.raises(UserError, match="not divisible by grad_accum"):
+        train(_cfg(train={"grad_accum": 3}), paths)
