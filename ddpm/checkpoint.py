@@ -125,9 +125,14 @@ def config_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> 
     return Config.from_dict(ckpt["config"], source=f"the config stored in {source}")
 
 
-def load_ema_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module]:
-    """Rebuild the U-Net from the stored config and load the EMA weights strictly; eval mode, no grad, on `device`."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+def load_ema_unet(
+    path: str | Path, device: str | torch.device = "cpu", ckpt: dict[str, Any] | None = None
+) -> tuple[Config, torch.nn.Module]:
+    """Rebuild the U-Net from the stored config and load the EMA weights strictly; eval mode, no grad, on `device`.
+
+    `ckpt`: the already loaded contents of `path` (saves reading a large file twice).
+    """
+    ckpt = load_checkpoint(path, map_location="cpu") if ckpt is None else ckpt
     cfg = config_from_checkpoint(ckpt, source=str(path))
     model = build_unet(cfg)
     weights = ckpt["ema"].get("weights") if isinstance(ckpt["ema"], dict) else None
@@ -143,9 +148,11 @@ def load_ema_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return cfg, model.to(device).eval().requires_grad_(False)
 
 
-def load_ema_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module, Any]:
+def load_ema_model(
+    path: str | Path, device: str | torch.device = "cpu", ckpt: dict[str, Any] | None = None
+) -> tuple[Config, torch.nn.Module, Any]:
     """`(cfg, EMA U-Net, GaussianDiffusion)` ready for sampling on `device`, all rebuilt from the checkpoint."""
     from ddpm.diffusion import GaussianDiffusion  # local: the diffusion module is only needed for sampling
 
-    cfg, model = load_ema_unet(path, device)
+    cfg, model = load_ema_unet(path, device, ckpt=ckpt)
     return cfg, model, GaussianDiffusion.from_config(cfg).to(device)

@@ -319,8 +319,8 @@ def save_classifier(path: str | Path, model: Classifier, meta: dict[str, Any] | 
         raise ValueError(f"classifier meta must be JSON-like (str/int/float/bool/list/dict): {err}") from None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "arch": model.arch, "state_dict": state, "meta": meta}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object keeps the bytes reproducible
+        torch.save(payload, f)
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:

@@ -51,19 +51,21 @@ class LoadedModel:
     diffusion: torch.nn.Module
     class_names: list[str]
     device: torch.device
+    step: int  # training steps behind these weights
 
 
 def load_model(checkpoint: Path, cfg: Config) -> LoadedModel:
     """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params)."""
     device = resolve_device(cfg.train.device)
     check_precision(cfg.train.precision, device)
-    train_cfg, model, diffusion = load_ema_model(checkpoint, device)
+    ckpt = load_checkpoint(checkpoint)
+    train_cfg, model, diffusion = load_ema_model(checkpoint, device, ckpt=ckpt)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sample.compile:
         model = torch.compile(model)
-    names = load_checkpoint(checkpoint).get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
-    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device)
+    names = ckpt.get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
+    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device, int(ckpt["step"]))
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
@@ -156,7 +158,7 @@ def sample_stage(cfg: Config, paths: SamplePaths) -> dict:
     if run_id:
         tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={})
         try:
-            tracker.log_image("samples/grid", grid, step=int(load_checkpoint(paths.checkpoint)["step"]))
+            tracker.log_image("samples/grid", grid, step=lm.step)
             tracker.log_artifact(paths.grid)
             tracker.log_artifact(paths.denoise)
         finally:

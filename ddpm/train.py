@@ -215,9 +215,9 @@ def train(cfg: Config, paths: TrainPaths) -> dict:
     """Run (or resume) training; write the stage outputs on rank 0; return the reproducible metrics."""
     ranks = ranks_from_env()
     _check_world(cfg, ranks)
+    configure_determinism(cfg.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting)
     device = resolve_device(cfg.train.device, ranks.local_rank)
     check_precision(cfg.train.precision, device)
-    configure_determinism(cfg.train.deterministic)
     enable_tf32()
     init_distributed(ranks, device)
     try:

@@ -52,10 +52,12 @@ class StepStats:
         finite = torch.isfinite(losses)
         losses = torch.where(finite, losses, 0.0)  # a NaN example must not poison the interval mean
         quarter = (t * 4 // num_timesteps).clamp_(0, 3)  # (B,)
+        # a one-hot product rather than index_add_: deterministic on CUDA under train.deterministic
+        onehot = torch.nn.functional.one_hot(quarter, 4).double()  # (B, 4)
         self.loss_sum += losses.sum()
         self.loss_count += finite.sum()
-        self.quarter_sum.index_add_(0, quarter, losses)
-        self.quarter_count.index_add_(0, quarter, finite.double())
+        self.quarter_sum += onehot.t() @ losses
+        self.quarter_count += onehot.t() @ finite.double()
 
     def add_step(self, grad_norm: torch.Tensor, found_inf: torch.Tensor) -> None:
         """Record one optimiser step's gradient norm and whether it was skipped."""

@@ -135,3 +135,11 @@ def test_augment_crops_are_shifted_windows_and_flips_mirror():
     for i in range(2):  # each crop is one of the 9 windows of the reflect-padded image
         windows = [padded[i, :, r : r + 8, c : c + 8] for r in range(3) for c in range(3)]
         assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_saved_file_bytes_do_not_depend_on_the_path(tmp_path):
+    # DVC hashes models/classifier.pt: the same weights must give the same bytes wherever they are written
+    model = Classifier(num_classes=3, width=8, image_size=16)
+    save_classifier(tmp_path / "a.pt", model, {"accuracy": 0.5})
+    save_classifier(tmp_path / "other.pt", model, {"accuracy": 0.5})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other.pt").read_bytes()

@@ -134,6 +134,9 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     assert lock2["stages"]["classifier"] == lock["stages"]["classifier"]
     shown = _run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], dvc_repo).stdout
     assert "cosine" in shown and "class_accuracy" in shown
+    _run([sys.executable, "-m", "dvc", "plots", "show", "-o", "rendered"], dvc_repo)
+    html = (dvc_repo / "rendered/index.html").read_text()
+    assert "train_loss" in html and "guidance_sweep" in html and "grid.png" in html
 
     # the client, not mlflow.set_tracking_uri: that would export MLFLOW_TRACKING_URI to later tests
     client = mlflow.MlflowClient(f"sqlite:///{dvc_repo}/mlflow.db")
@@ -153,3 +156,18 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
 
     table = _run([sys.executable, "-m", "ddpm", "compare", "--experiment", "cmp"], dvc_repo).stdout
     assert "schedule" in table and "cosine" in table and "linear" in table
+
+
+def test_mlproject_entry_points_and_conda_pins_match_pyproject():
+    import tomllib
+
+    from mlflow.projects import _project_spec
+
+    project = _project_spec.load_project(str(ROOT))
+    assert set(project._entry_points) == {"main", "train", "sample", "evaluate"}
+    main_cmd = project.get_entry_point("main").compute_command({"schedule": "cosine"}, None)
+    assert main_cmd == "dvc exp run -S schedule=cosine"
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    conda_pins = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert [p for p in pins if "==" in p] == [p for p in conda_pins if "==" in p]
