@@ -60,7 +60,7 @@ def classifier_stage(cfg: Config, paths: EvaluatePaths) -> dict:
         data.train_images, data.train_labels, data.eval_images, data.eval_labels,
         cfg.evaluate.classifier, device, cfg.seed, hflip=cfg.data.hflip,
     )
-    metrics = {"accuracy": acc, "per_class": dict(zip(data.class_names, per_class)),
+    metrics = {"accuracy": acc, "per_class": dict(zip(data.class_names, per_class, strict=True)),
                "num_eval": int(len(data.eval_labels))}
     save_classifier(paths.classifier, model, {"class_names": list(data.class_names), "accuracy": acc,
                                               "data_hash": data.content_hash})
@@ -126,7 +126,7 @@ def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None 
     real_feats = extract_features(classifier, real, batch_size=500, device=device)
     k, num_classes = cfg.evaluate.pr_k, len(data.class_names)
     metrics = offline_metrics(classifier, images, labels, real_feats, num_classes, k)
-    metrics["class_accuracy_per_class"] = dict(zip(data.class_names, metrics["class_accuracy_per_class"]))
+    metrics["class_accuracy_per_class"] = dict(zip(data.class_names, metrics["class_accuracy_per_class"], strict=True))
     # the floor: the same distance between two sets of REAL images of the same size (held-out vs. train)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_idx = torch.randperm(len(data.train_images), generator=gen)[:n_real]

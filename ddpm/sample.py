@@ -77,7 +77,8 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
         elif item.isdigit() and int(item) < len(class_names):
             out.append(int(item))
         else:
-            raise UserError(f"unknown class {item!r}; the model knows {', '.join(class_names)} (or 0-{len(class_names) - 1})")
+            known = ", ".join(class_names)
+            raise UserError(f"unknown class {item!r}; the model knows {known} (or 0-{len(class_names) - 1})")
     if not out:
         raise UserError("--classes is empty; give class names or indices separated by commas")
     return out
@@ -120,9 +121,8 @@ def evaluation_set(lm: LoadedModel, settings: SamplerSettings, num: int, seed: i
 
 def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
     """The evaluation set as one compact .npz (uint8 images, int64 labels, JSON metadata)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=images.numpy(), labels=labels.numpy(), meta=json.dumps(meta))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images.numpy(), labels=labels.numpy(), meta=json.dumps(meta))
 
 
 def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:

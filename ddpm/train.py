@@ -26,7 +26,7 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.config import Config
 from ddpm.data import load_prepared
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.ema import EMA, unwrap
+from ddpm.ema import EMA
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, balanced_labels, generate
 from ddpm.images import grid_hwc, save_png
@@ -240,7 +240,7 @@ def _train(cfg: Config, paths: TrainPaths, ranks: Ranks, device: torch.device) -
     if ckpt is not None:
         run.restore(ckpt)
         if ranks.is_main:
-            print(f"resuming from {store.last} at step {run.step}", file=sys.stderr)
+            print(f"resuming from {store.dir} at step {run.step}", file=sys.stderr)
     elif ranks.is_main:
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
     if ranks.is_main:
