@@ -274,3 +274,39 @@ def test_gradient_accumulation_counts_images_once(tmp_path):
     assert resume["batches"]["position"] + resume["batches"]["epoch"] * 90 == 16
     with pytest.raises(UserError, match="not divisible by grad_accum"):
         train(_cfg(train={"grad_accum": 3}), paths)
+
+
+def test_compiled_training_keeps_ema_checkpoints_and_resume_working(tmp_path, monkeypatch):
+    """train.compile wraps the model; EMA must keep updating from it, no `_orig_mod.` may leak into files,
+    and resume must load into the compiled run. (aot_eager instead of inductor keeps this test fast.)"""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="aot_eager"))
+    eager_cfg = _cfg(train={"steps": 4, "checkpoint_every": 2, "sample_every": 0})
+    compiled_cfg = _cfg(train={"steps": 4, "checkpoint_every": 2, "sample_every": 0, "compile": True})
+    eager = _prepared(tmp_path / "eager", eager_cfg)
+    train(eager_cfg, eager)
+
+    compiled = _prepared(tmp_path / "compiled", compiled_cfg)
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def dies_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dies_at_step_4)
+    with pytest.raises(RuntimeError):
+        train(compiled_cfg, compiled)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    train(compiled_cfg, compiled)  # resumes at step 2 into a freshly compiled model
+
+    a = load_checkpoint(eager.ema)["ema"]
+    b = load_checkpoint(compiled.ema)["ema"]
+    assert b["num_updates"] == 4
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in b["weights"])
+    for k, v in a["weights"].items():
+        torch.testing.assert_close(b["weights"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    initial = load_checkpoint(next(resume_root(tmp_path / "compiled").iterdir()) / "last.pt")["model"]
+    assert not any("_orig_mod" in k for k in initial)
