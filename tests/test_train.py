@@ -54,6 +54,21 @@ def _assert_identical(a: dict, b: dict) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs"
 
 
+def _crash_on_step(monkeypatch, n: int):
+    """Make the n-th call of train_step raise (a crash mid-run); returns a function that undoes it."""
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    return lambda: monkeypatch.setattr(train_mod, "train_step", real_step)
+
+
 def test_train_writes_declared_outputs(tmp_path):
     cfg = _cfg()
     paths = _prepared(tmp_path, cfg)
@@ -91,20 +106,11 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     train(cfg, reference)
 
     crashed = _prepared(tmp_path / "crash", cfg)
-    real_step = train_mod.train_step
-    calls = {"n": 0}
-
-    def dies_at_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # steps 1-4 done, a checkpoint exists at step 3
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", dies_at_step_5)
+    undo = _crash_on_step(monkeypatch, 5)  # steps 1-4 done, a checkpoint exists at step 3
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, crashed)
     assert not crashed.ema.exists()
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    undo()
     train(cfg, crashed)  # resumes at step 3
     _assert_identical(load_checkpoint(reference.ema), load_checkpoint(crashed.ema))
     assert reference.plot.read_text() == crashed.plot.read_text()
@@ -287,19 +293,10 @@ def test_compiled_training_keeps_ema_checkpoints_and_resume_working(tmp_path, mo
     train(eager_cfg, eager)
 
     compiled = _prepared(tmp_path / "compiled", compiled_cfg)
-    real_step = train_mod.train_step
-    calls = {"n": 0}
-
-    def dies_at_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", dies_at_step_4)
-    with pytest.raises(RuntimeError):
+    undo = _crash_on_step(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
         train(compiled_cfg, compiled)
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    undo()
     train(compiled_cfg, compiled)  # resumes at step 2 into a freshly compiled model
 
     a = load_checkpoint(eager.ema)["ema"]
