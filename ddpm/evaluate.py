@@ -100,19 +100,24 @@ def offline_metrics(classifier, images: torch.Tensor, labels: torch.Tensor, real
             "precision": precision, "recall": recall}
 
 
-def _fid(cfg: Config, paths: EvaluatePaths, images: torch.Tensor, device: torch.device) -> dict:
-    """Standard FID against the training statistics and the Inception Score."""
-    mu_r, sigma_r = load_stats(paths.fid_stats)
-    if mu_r is None:
-        raise UserError(
-            f"{paths.fid_stats} was made with evaluate.fid: false; rerun the fid_stats stage (dvc repro fid_stats)"
-        )
-    extractor = InceptionFeatures(cfg.evaluate.inception_weights, device,
-                                  allow_download=cfg.evaluate.download_inception)
-    feats, logits = inception_outputs(extractor, images, batch_size=200)
-    is_mean, is_std = inception_score(logits)
-    return {"fid": fid_from_features(feats, mu_r, sigma_r), "inception_score": is_mean,
-            "inception_score_std": is_std}
+class _FidScorer:
+    """The Inception network and the training-set statistics, loaded once for every FID/IS computed here."""
+
+    def __init__(self, cfg: Config, paths: EvaluatePaths, device: torch.device):
+        self.mu, self.sigma = load_stats(paths.fid_stats)
+        if self.mu is None:
+            raise UserError(
+                f"{paths.fid_stats} was made with evaluate.fid: false; rerun the fid_stats stage (dvc repro fid_stats)"
+            )
+        self.extractor = InceptionFeatures(cfg.evaluate.inception_weights, device,
+                                           allow_download=cfg.evaluate.download_inception)
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        """Standard FID against the training statistics and the Inception Score of uint8 images."""
+        feats, logits = inception_outputs(self.extractor, images, batch_size=200)
+        is_mean, is_std = inception_score(logits)
+        return {"fid": fid_from_features(feats, self.mu, self.sigma), "inception_score": is_mean,
+                "inception_score_std": is_std}
 
 
 def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None = None) -> dict:
@@ -136,11 +141,12 @@ def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None 
     # the classifier on ALL held-out real images: equals its own accuracy in metrics/classifier.json
     metrics["real_class_accuracy"] = class_accuracy(
         predict(classifier, data.eval_images, batch_size=500, device=device), data.eval_labels, num_classes)[0]
-    if cfg.evaluate.fid:
-        metrics.update(_fid(cfg, paths, images, device))
+    fid = _FidScorer(cfg, paths, device) if cfg.evaluate.fid else None
+    if fid is not None:
+        metrics.update(fid(images))
     metrics["sample_settings"] = meta
     rows = _guidance_sweep(cfg, paths, classifier, real_feats, num_classes,
-                           cfg.evaluate.guidance_sweep if sweep is None else sweep)
+                           cfg.evaluate.guidance_sweep if sweep is None else sweep, fid)
     _write_sweep(paths.sweep, rows)
     write_metrics(paths.metrics, metrics)
     _log(cfg, paths, metrics, rows)
@@ -148,7 +154,7 @@ def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None 
 
 
 def _guidance_sweep(cfg: Config, paths: EvaluatePaths, classifier, real_feats: np.ndarray, num_classes: int,
-                    scales: list[float]) -> list[dict]:
+                    scales: list[float], fid: _FidScorer | None) -> list[dict]:
     """One row of offline metrics (and FID when on) per guidance scale, on fresh samples."""
     if not scales:
         return []
@@ -160,8 +166,8 @@ def _guidance_sweep(cfg: Config, paths: EvaluatePaths, classifier, real_feats: n
                                         cfg.sample.batch_size, cfg.train.precision)
         m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k)
         row = {"guidance_scale": w, **{c: m[c] for c in SWEEP_COLUMNS[1:5]}}
-        if cfg.evaluate.fid:
-            row["fid"] = _fid(cfg, paths, images, lm.device)["fid"]
+        if fid is not None:
+            row["fid"] = fid(images)["fid"]
         rows.append(row)
     return rows
 

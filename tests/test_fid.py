@@ -198,3 +198,39 @@ def test_stats_round_trip_and_errors(tmp_path):
 def test_disabled_stats_marker(tmp_path):
     save_stats(tmp_path / "off.npz", None, None)
     assert load_stats(tmp_path / "off.npz") == (None, None)
+
+
+@pytest.mark.slow
+def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, monkeypatch):
+    """evaluate.fid: true end to end through the stages; the sweep reuses one Inception network."""
+    import yaml
+
+    import ddpm.evaluate as evaluate_mod
+    from conftest import tiny_params
+    from ddpm.config import load_config
+    from ddpm.data import prepare
+    from ddpm.sample import SamplePaths, sample_stage
+    from ddpm.train import TrainPaths, train
+
+    params = tiny_params(train={"steps": 2, "sample_every": 0},
+                         evaluate={"fid": True, "inception_weights": str(random_weights), "download_inception": False,
+                                   "classifier": {"epochs": 1, "width": 8, "batch_size": 32},
+                                   "guidance_sweep": [0.0, 1.0], "sweep_samples": 20},
+                         tracking={"mlflow": False, "tensorboard": False, "system_metrics": False})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_config(repo / "params.yaml")
+    prepare(cfg, repo / "data/prepared")
+    paths = evaluate_mod.EvaluatePaths.under(repo)
+    evaluate_mod.classifier_stage(cfg, paths)
+    evaluate_mod.fid_stats_stage(cfg, paths)
+    train(cfg, TrainPaths.under(repo))
+    sample_stage(cfg, SamplePaths.under(repo))
+    built = []
+    real = evaluate_mod.InceptionFeatures
+    monkeypatch.setattr(evaluate_mod, "InceptionFeatures", lambda *a, **k: built.append(1) or real(*a, **k))
+    metrics = evaluate_mod.evaluate_stage(cfg, paths)
+    assert len(built) == 1
+    assert metrics["fid"] > 0 and metrics["inception_score"] >= 1.0
+    sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
+    assert sweep[0].split("\t")[-1] == "fid" and len(sweep) == 3
+    assert all(float(r.split("\t")[-1]) > 0 for r in sweep[1:])
