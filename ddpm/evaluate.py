@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm import atomic
 from ddpm.classifier import extract_features, load_classifier, predict, save_classifier, train_classifier
 from ddpm.config import Config
 from ddpm.data import load_prepared
@@ -24,7 +23,7 @@ from ddpm.generate import SamplerSettings
 from ddpm.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
 from ddpm.runtime import resolve_device
 from ddpm.sample import evaluation_set, load_model, load_samples, read_run_id
-from ddpm.tracking import Tracker, write_metrics
+from ddpm.tracking import Tracker, write_metrics, write_tsv
 
 SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
 
@@ -174,8 +173,7 @@ def _guidance_sweep(cfg: Config, paths: EvaluatePaths, classifier, real_feats: n
 
 def _write_sweep(path: Path, rows: list[dict]) -> None:
     columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)] or SWEEP_COLUMNS[:5]
-    lines = ["\t".join(columns)] + ["\t".join(f"{r[c]:.6g}" for c in columns) for r in rows]
-    atomic.write_text(path, "\n".join(lines) + "\n")
+    write_tsv(path, columns, rows)
 
 
 def _log(cfg: Config, paths: EvaluatePaths, metrics: dict, rows: list[dict]) -> None:

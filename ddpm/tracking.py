@@ -3,7 +3,7 @@
 Workflows (train, sample, evaluate) hold a `Tracker` and call `log_metrics` / `log_image` /
 `log_final`; the tracker fans each call out to MLflow (sqlite store) and TensorBoard. The train
 stage creates the MLflow run; sample and evaluate re-open it by id, so one run holds the whole
-pipeline. DVC reads its own plain files, written here by `write_metrics` (JSON) and `PlotWriter` (TSV).
+pipeline. DVC reads its own plain files, written here by `write_metrics` (JSON) and `write_tsv` (TSV).
 
 MLflow and TensorBoard are imported lazily inside the functions that need them: importing them
 costs seconds, and a run with tracking disabled must not touch them at all.
@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ddpm.atomic import atomic_open, write_text
+from ddpm.atomic import write_text
 from ddpm.config import Config, flatten
 from ddpm.errors import UserError
 
@@ -597,51 +597,21 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> None:
     write_text(path, json.dumps(_json_value(metrics), indent=2, sort_keys=True) + "\n")
 
 
-class PlotWriter:
-    """A DVC plots TSV: header once, one row per call; the first column is always `step`.
+def write_tsv(path: str | Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Atomically write a DVC plots TSV: a header, then one line per row; missing or non-finite cells are empty.
 
-    Rows are appended (a line per `tracking.log_every` steps). Resuming at `resume_step` keeps
-    the existing rows up to that step, drops later ones and any torn last line from a crash,
-    and continues appending; without `resume_step` the file starts afresh.
+    The whole file is rewritten each time. Callers keep the rows (the train stage keeps them inside its
+    resume checkpoint), because DVC deletes a stage's plot file before running the stage again.
     """
-
-    def __init__(self, path: str | Path, columns: Sequence[str], resume_step: int | None = None):
-        self.path = Path(path)
-        self.columns = ["step", *[c for c in columns if c != "step"]]
-        kept = self._kept_rows(resume_step) if resume_step is not None else []
-        with atomic_open(self.path, "w") as f:
-            f.write("\t".join(self.columns) + "\n")
-            f.writelines(kept)
-
-    def _kept_rows(self, resume_step: int) -> list[str]:
-        """Complete rows of an existing file with the same header and step <= resume_step."""
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text().splitlines(keepends=True)
-        if not lines or lines[0].rstrip("\n").split("\t") != self.columns:
-            log.warning("%s has other columns than %s; starting it afresh", self.path, self.columns)
-            return []
-        kept = []
-        for line in lines[1:]:
-            cells = line.rstrip("\n").split("\t")
-            if not line.endswith("\n") or len(cells) != len(self.columns):
-                break  # a row torn by a crash: it and anything after it are dropped
-            try:
-                step = int(cells[0])
-            except ValueError:
-                break
-            if step > resume_step:
-                break
-            kept.append(line)
-        return kept
-
-    def write(self, step: int, values: Mapping[str, float]) -> None:
-        """Append one row; columns missing from `values` are left empty."""
-        cells = [str(step), *[_tsv_cell(values.get(c)) for c in self.columns[1:]]]
-        with open(self.path, "a") as f:
-            f.write("\t".join(cells) + "\n")
+    lines = ["\t".join(columns)] + ["\t".join(_tsv_cell(r.get(c)) for c in columns) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
 
 
-def _tsv_cell(value: float | None) -> str:
-    """A TSV number, empty when missing."""
-    return "" if value is None else repr(float(value))
+def _tsv_cell(value: Any) -> str:
+    """A TSV number: integers without a decimal point, floats at full precision, empty when missing."""
+    if value is None:
+        return ""
+    number = float(value)
+    if not math.isfinite(number):
+        return ""
+    return str(int(number)) if number.is_integer() else repr(number)

@@ -43,7 +43,7 @@ from ddpm.runtime import (
     resolve_device,
 )
 from ddpm.seeding import configure_determinism, rng_state, seed_everything, set_rng_state
-from ddpm.tracking import Tracker, write_metrics
+from ddpm.tracking import Tracker, write_metrics, write_tsv
 from ddpm.train_step import StepContext, StepStats, train_step
 from ddpm.unet import build_unet
 
@@ -338,12 +338,7 @@ def _log(run: Run, tracker, bar, images_per_s: float, paths: TrainPaths, monitor
 
 
 def _write_plot(path: Path, rows: list[list[float]]) -> None:
-    lines = ["\t".join(PLOT_COLUMNS)] + ["\t".join(_fmt(v) for v in r) for r in rows]
-    atomic.write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else f"{v:.6g}"
+    write_tsv(path, PLOT_COLUMNS, [dict(zip(PLOT_COLUMNS, r, strict=True)) for r in rows])
 
 
 def _progress_grid(run: Run, tracker, paths: TrainPaths) -> None:

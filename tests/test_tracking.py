@@ -20,7 +20,7 @@ import pytest
 
 from ddpm.config import Config, flatten
 from ddpm.errors import UserError
-from ddpm.tracking import PlotWriter, Tracker, compare_runs, git_tags, tracking_uri, write_metrics
+from ddpm.tracking import Tracker, compare_runs, git_tags, tracking_uri, write_metrics, write_tsv
 
 _ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING")
 
@@ -328,26 +328,14 @@ def test_write_metrics_json_nested_nan_numpy(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["eval.json"]  # no temp file left behind
 
 
-def test_plot_writer_header_once_and_resume(tmp_path):
+def test_write_tsv_header_rows_and_empty_cells(tmp_path):
     path = tmp_path / "plots" / "loss.tsv"
-    writer = PlotWriter(path, ["loss", "lr"])
-    for step in (10, 20, 30):
-        writer.write(step, {"loss": step / 10, "lr": 0.5})
-    writer.write(40, {"loss": 4.0})  # lr missing: empty cell
-    assert path.read_text().splitlines() == [
-        "step\tloss\tlr",
-        "10\t1.0\t0.5",
-        "20\t2.0\t0.5",
-        "30\t3.0\t0.5",
-        "40\t4.0\t",
-    ]
-    with open(path, "a") as f:
-        f.write("50\t5.")  # a row torn by a crash
-    resumed = PlotWriter(path, ["loss", "lr"], resume_step=20)
-    resumed.write(30, {"loss": 9.0, "lr": 0.1})
-    assert path.read_text().splitlines() == ["step\tloss\tlr", "10\t1.0\t0.5", "20\t2.0\t0.5", "30\t9.0\t0.1"]
-    PlotWriter(path, ["loss"], resume_step=20)  # other columns: the old rows cannot be continued
-    assert path.read_text() == "step\tloss\n"
+    rows = [{"step": 10, "loss": 1.5, "lr": 0.5}, {"step": 20, "loss": float("nan")}, {"step": 30, "loss": 2.0}]
+    write_tsv(path, ["step", "loss", "lr"], rows)
+    assert path.read_text().splitlines() == ["step\tloss\tlr", "10\t1.5\t0.5", "20\t\t", "30\t2\t"]
+    write_tsv(path, ["step", "loss"], rows[:1])  # rewritten whole, atomically
+    assert path.read_text() == "step\tloss\n10\t1.5\n"
+    assert [p.name for p in path.parent.iterdir()] == ["loss.tsv"]
 
 
 # ---- resources --------------------------------------------------------------------------------
