@@ -12,9 +12,10 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from typing import get_args
 from pathlib import Path
 
-from ddpm.config import Config, load_config
+from ddpm.config import CompileMode, Config, load_config
 from ddpm.errors import UserError
 
 
@@ -112,6 +113,17 @@ def _cmd_bench(cfg: Config, args) -> None:
     bench_cli(cfg, args)
 
 
+def _ints(text: str) -> list[int]:
+    """'128,256' -> [128, 256] (argparse type: a bad value is a usage error naming the option)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -150,11 +162,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="*", help="run ids (default: every run of the experiment)")
     c.set_defaults(fn=_cmd_compare)
     b = sub.add_parser("bench", help="training and sampling throughput (optionally against diffusers)")
-    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--batch-size", type=_ints, default=[128], help="one or more, comma-separated (default 128)")
     b.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--precision", default="all", help="fp32, bf16, fp16 or all (those the device supports)")
     b.add_argument("--compile", choices=["on", "off", "both"], default="off")
+    b.add_argument("--compile-mode", choices=list(get_args(CompileMode)), default="default",
+                   help="torch.compile mode (reduce-overhead / max-autotune use CUDA graphs on a GPU)")
+    b.add_argument("--channels-last", choices=["on", "off", "both"], default="on", help="memory format (default on)")
     b.add_argument("--vs", choices=["diffusers"], help="also time diffusers' UNet2DModel, A/B interleaved")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--reference", action="store_true", help="the DDPM reference network, not params.yaml's")

@@ -22,6 +22,7 @@ Variance = Literal["fixed_small", "fixed_large"]
 SamplerName = Literal["ddpm", "ddim"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DatasetName = Literal["cifar10", "folder", "shapes"]
 
 
@@ -114,7 +115,7 @@ class TrainConfig(Section):
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free guidance: label dropout probability
     precision: Precision = "bf16"  # autocast dtype (fp16 uses a GradScaler and needs CUDA)
     compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: CompileMode = "default"
     channels_last: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: slower)
     data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader

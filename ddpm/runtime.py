@@ -42,10 +42,22 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def enable_tf32() -> None:
-    """TF32 matmuls/convolutions on Ampere+ GPUs (fp32 runs get tensor cores; no effect on the CPU)."""
+def configure_backends(deterministic: bool) -> None:
+    """The backend settings every workflow runs under (train, sample, bench: so the bench times what runs).
+
+    - TF32 matmuls/convolutions on Ampere+ GPUs: fp32 runs get tensor cores (no effect on the CPU).
+    - `deterministic=False`: cuDNN autotunes a convolution algorithm per input shape (`cudnn.benchmark`);
+      the shapes of a run never change, so the search is paid once.
+    - `deterministic=True`: PyTorch's deterministic algorithms, no autotuning (slower on CUDA; README).
+    Call before CUDA starts: cuBLAS reads `CUBLAS_WORKSPACE_CONFIG` when it initialises.
+    """
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ddpm.config import Config
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, balanced_labels, generate
 from ddpm.images import grid_hwc, save_png
-from ddpm.runtime import check_precision, resolve_device
+from ddpm.runtime import check_precision, configure_backends, resolve_device
 from ddpm.samplers import respaced_timesteps
 from ddpm.tracking import Tracker
 
@@ -56,6 +56,7 @@ class LoadedModel:
 
 def load_model(checkpoint: Path, cfg: Config) -> LoadedModel:
     """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params)."""
+    configure_backends(cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     check_precision(cfg.train.precision, device)
     ckpt = load_checkpoint(checkpoint)

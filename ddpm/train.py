@@ -36,13 +36,13 @@ from ddpm.runtime import (
     Ranks,
     check_precision,
     close_distributed,
+    configure_backends,
     device_description,
-    enable_tf32,
     init_distributed,
     ranks_from_env,
     resolve_device,
 )
-from ddpm.seeding import configure_determinism, rng_state, seed_everything, set_rng_state
+from ddpm.seeding import rng_state, seed_everything, set_rng_state
 from ddpm.tracking import Tracker, write_metrics, write_tsv
 from ddpm.train_step import StepContext, StepStats, train_step
 from ddpm.unet import build_unet
@@ -215,10 +215,9 @@ def train(cfg: Config, paths: TrainPaths) -> dict:
     """Run (or resume) training; write the stage outputs on rank 0; return the reproducible metrics."""
     ranks = ranks_from_env()
     _check_world(cfg, ranks)
-    configure_determinism(cfg.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting)
+    configure_backends(cfg.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting)
     device = resolve_device(cfg.train.device, ranks.local_rank)
     check_precision(cfg.train.precision, device)
-    enable_tf32()
     init_distributed(ranks, device)
     try:
         return _train(cfg, paths, ranks, device)

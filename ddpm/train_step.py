@@ -135,6 +135,9 @@ def _micro_step(ctx: StepContext, x0: torch.Tensor, y: torch.Tensor, stats: Step
         y = torch.where(drop, ctx.null_label, y)  # (B,)
     else:
         y = None
+    # a new iteration for CUDA-graph trees (compile_mode reduce-overhead / max-autotune): the previous
+    # micro-step's graph outputs are dead by now and may be overwritten; a no-op without CUDA graphs
+    torch.compiler.cudagraph_mark_step_begin()
     no_sync = getattr(ctx.model, "no_sync", None)
     with contextlib.nullcontext() if sync or no_sync is None else no_sync():
         with autocast(ctx.precision, dev):

@@ -1,0 +1,116 @@
+"""`python -m ddpm bench`: the diffusers twin matches our network, the figures are consistent, bad input fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_params
+from ddpm.bench import bench_config, diffusers_unet, format_table, run_bench
+from ddpm.cli import main
+from ddpm.config import Config, ModelConfig
+from ddpm.unet import UNet, forward_flops
+
+pytest.importorskip("diffusers", reason="the bench extra (diffusers) is part of the test install")
+
+
+def _count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"num_classes": 10},  # the DDPM CIFAR-10 reference network
+        {"channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [8],
+         "num_classes": 10},
+        {"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 2, "attention_resolutions": [16],
+         "num_groups": 8, "num_classes": 0},
+    ],
+)
+def test_diffusers_twin_has_our_parameter_count(model):
+    """Same channels, blocks, attention placement and class embedding => the same number of parameters."""
+    cfg = ModelConfig(**model)
+    size = 32 if model.get("channels", 128) == 128 else 16
+    ours, theirs = _count(UNet(cfg, size)), _count(diffusers_unet(cfg, size))
+    assert ours == theirs
+    if model == {"num_classes": 10}:
+        assert ours == 35_751_939  # DDPM's 35.7M plus the 11 x 512 class embedding
+
+
+def test_diffusers_twin_follows_the_class_label():
+    """The twin really is class-conditional (a different label changes its output)."""
+    cfg = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[8], num_groups=8,
+                      num_classes=10)
+    net = diffusers_unet(cfg, 16).eval()
+    for p in net.parameters():  # random weights everywhere, so no zero-initialised layer can hide the label
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    with torch.no_grad():
+        a = net(x, t, torch.tensor([0, 0]))
+        b = net(x, t, torch.tensor([3, 3]))
+    assert a.shape == x.shape
+    assert not torch.allclose(a, b)
+
+
+def test_run_bench_times_every_setting_and_reports_consistent_figures(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = Config.from_dict(tiny_params())
+    result = run_bench(cfg, batches=[2, 4], steps=1, warmup=1, precisions=["fp32"], compiles=[False],
+                       channels_last=[False, True], vs_diffusers=True, device=torch.device("cpu"), rounds=1)
+    settings = [(r["batch_size"], r["channels_last"]) for r in result["runs"]]
+    assert settings == [(2, False), (2, True), (4, False), (4, True)]
+    assert result["forward_gflop_per_image"] == pytest.approx(forward_flops(cfg.model, 16) / 1e9)
+    assert result["params_ours"] == result["params_diffusers"]
+    for r in result["runs"]:
+        for key in ("train_images_per_s_ours", "train_images_per_s_diffusers", "sample_images_per_s_per_nfe_ours"):
+            assert r[key] > 0
+        assert r["train_ratio_vs_diffusers"] == pytest.approx(
+            r["train_images_per_s_ours"] / r["train_images_per_s_diffusers"])
+        assert "mfu_ours" not in r  # no peak FLOP/s is known for a CPU: no made-up MFU
+    # the headline ratio is the least favourable setting, not the best one
+    assert result["train_ratio_vs_diffusers"] == min(r["train_ratio_vs_diffusers"] for r in result["runs"])
+    # timed under training's backend settings (cuDNN autotuning on, not left at PyTorch's default)
+    assert torch.backends.cudnn.benchmark is True
+    table = format_table(result)
+    assert table.count("\n") == 1 + len(result["runs"])
+
+
+def test_bench_config_reference_is_the_ddpm_network():
+    cfg = bench_config(Config.from_dict(tiny_params()), reference=True)
+    assert cfg.data.image_size == 32
+    assert cfg.model == ModelConfig(num_classes=10)
+    assert forward_flops(cfg.model, 32) / 1e9 == pytest.approx(12.44, abs=0.01)
+
+
+def test_bench_cli_prints_a_table_then_one_json_line(repo, capsys):
+    code = main(["bench", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                 "--precision", "fp32", "--channels-last", "off"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    figures = json.loads(out[-1])
+    assert figures["runs"][0]["batch_size"] == 2 and figures["runs"][0]["channels_last"] is False
+    assert out[0].startswith("device: cpu")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--batch-size", "0"], "positive integers"),
+        (["--batch-size", "64,x"], "positive integers"),
+        (["--compile-mode", "fastest"], "invalid choice"),
+    ],
+)
+def test_bench_cli_rejects_bad_options(repo, capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_bench_cli_rejects_a_precision_the_device_lacks(repo, capsys):
+    assert main(["bench", "--device", "cpu", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "fp16" in err and "cpu" in err
