@@ -13,6 +13,7 @@ QUICKSTART_PARAMS := \
 	-S train.device=cpu -S train.precision=fp32 -S train.compile=false -S train.channels_last=false \
 	-S train.batch_size=64 -S train.steps=1500 -S train.lr=0.001 -S train.warmup_steps=100 \
 	-S train.ema_decay=0.995 -S train.sample_every=500 -S train.checkpoint_every=250 \
+	-S train.progress_steps=25 -S train.progress_guidance_scale=4.0 \
 	-S sample.steps=25 -S sample.guidance_scale=4.0 -S sample.num_samples=500 -S sample.batch_size=500 \
 	-S sample.grid_per_class=8 \
 	-S evaluate.fid=false -S evaluate.classifier.epochs=3 -S evaluate.classifier.width=16 \

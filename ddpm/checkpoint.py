@@ -1,6 +1,6 @@
 """Checkpoints: plain dicts of tensors, numbers, strings, lists and dicts, written atomically.
 
-Format (version 1): `{"format_version": 1, "config": Config.to_dict(), "step": int,
+Format (version 1): `{"format_version": 1, "config": Config.training_dict(), "step": int,
 "ema": EMA.state_dict(), ...}` plus whatever the caller adds (the raw "model" state dict,
 optimizer, scaler, RNG states, data position, mlflow_run_id, class names). Because nothing needs
 unpickling code, every file loads with `torch.load(..., weights_only=True)`: a checkpoint can never

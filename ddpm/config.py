@@ -22,6 +22,8 @@ Variance = Literal["fixed_small", "fixed_large"]
 SamplerName = Literal["ddpm", "ddim"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+# the params that determine the trained weights (the train stage's inputs besides the data)
+TRAINING_SECTIONS = ("seed", "schedule", "data", "model", "diffusion", "train")
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DatasetName = Literal["cifar10", "folder", "shapes"]
 
@@ -121,6 +123,12 @@ class TrainConfig(Section):
     data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader
     num_workers: int = Field(2, ge=0)  # DataLoader workers when data_on_device is false
     sample_every: int = Field(10_000, ge=0)  # progress grids; 0 disables
+    # the progress grids' own sampler settings: training must not depend on the sample stage's params
+    # (changing sample.guidance_scale re-runs sampling, never the training)
+    progress_sampler: SamplerName = "ddim"
+    progress_steps: int = Field(50, ge=1)
+    progress_guidance_scale: float = Field(1.0, ge=0.0)
+    progress_per_class: int = Field(8, ge=1)
     checkpoint_every: int = Field(5000, ge=1)
     max_bad_steps: int = Field(10, ge=0)  # consecutive non-finite steps tolerated before stopping
 
@@ -210,9 +218,30 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _progress_steps_fit_the_schedule(self) -> Config:
+        """Checked when the params load, not at the first progress grid hours into training.
+
+        (sample.steps is checked by the sampler: a checkpoint's stored training config carries no sample
+        section, so a cross-section check here would judge default sample params against it.)
+        """
+        t, steps = self.diffusion.timesteps, self.train.progress_steps
+        if steps > t:
+            raise ValueError(f"train.progress_steps={steps} exceeds diffusion.timesteps={t}; use at most {t}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for checkpoints, YAML and MLflow."""
         return self.model_dump(mode="json")
+
+    def training_dict(self) -> dict[str, Any]:
+        """The sections that determine the trained weights (`TRAINING_SECTIONS`), as plain data.
+
+        This is what a checkpoint stores and what the resume key hashes: the sample, evaluate and
+        tracking params can change without touching the training or its outputs.
+        """
+        plain = self.to_dict()
+        return {k: plain[k] for k in TRAINING_SECTIONS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:

@@ -22,8 +22,8 @@ from ddpm.fid import InceptionFeatures, fid_from_features, inception_outputs, in
 from ddpm.generate import SamplerSettings
 from ddpm.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
 from ddpm.runtime import resolve_device
-from ddpm.sample import evaluation_set, load_model, load_samples, read_run_id
-from ddpm.tracking import Tracker, write_metrics, write_tsv
+from ddpm.sample import evaluation_set, load_model, load_samples
+from ddpm.tracking import Tracker, read_run_id, write_metrics, write_tsv
 
 SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
 
@@ -38,7 +38,7 @@ class EvaluatePaths:
     classifier_metrics: Path
     fid_stats: Path
     checkpoint: Path
-    run_info: Path
+    run_info: Path  # the MLflow run the sample stage logged into
     samples: Path
     metrics: Path
     sweep: Path
@@ -47,7 +47,7 @@ class EvaluatePaths:
     def under(cls, root: Path) -> EvaluatePaths:
         root = Path(root).resolve()
         return cls(root, root / "data/prepared", root / "models/classifier.pt", root / "metrics/classifier.json",
-                   root / "models/fid_stats.npz", root / "models/ema.pt", root / "models/run.json",
+                   root / "models/fid_stats.npz", root / "models/ema.pt", root / "samples/run.json",
                    root / "samples/samples.npz", root / "metrics/eval.json", root / "plots/guidance_sweep.tsv")
 
 
@@ -177,11 +177,12 @@ def _write_sweep(path: Path, rows: list[dict]) -> None:
 
 
 def _log(cfg: Config, paths: EvaluatePaths, metrics: dict, rows: list[dict]) -> None:
-    """Final metrics (and the sweep, stepped by guidance scale x 100) into the training's MLflow run."""
+    """Final metrics (and the sweep, stepped by guidance scale x 100) into the pipeline's MLflow run."""
     run_id = read_run_id(paths.run_info)
     if not run_id:
         return
-    tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={})
+    # the sample stage's run, or a new child of the training run when the evaluate params changed since
+    tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
     try:
         scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         tracker.log_final(scalars)

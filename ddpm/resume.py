@@ -20,13 +20,9 @@ from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.config import Config
 from ddpm.errors import UserError
 
-TRAINING_SECTIONS = ("seed", "schedule", "data", "model", "diffusion", "train")
-
-
 def resume_key(cfg: Config, data_hash: str) -> str:
     """A short hash of everything that determines the trained weights."""
-    plain = cfg.to_dict()
-    relevant = {k: plain[k] for k in TRAINING_SECTIONS} | {"data_hash": data_hash}
+    relevant = cfg.training_dict() | {"data_hash": data_hash}
     blob = json.dumps(relevant, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ from ddpm.generate import SamplerSettings, balanced_labels, generate
 from ddpm.images import grid_hwc, save_png
 from ddpm.runtime import check_precision, configure_backends, resolve_device
 from ddpm.samplers import respaced_timesteps
-from ddpm.tracking import Tracker
+from ddpm.tracking import Tracker, read_run_id, write_run_id
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,17 @@ class SamplePaths:
 
     root: Path
     checkpoint: Path
-    run_info: Path
+    run_info: Path  # the training's MLflow run (written by train)
     grid: Path
     denoise: Path
     samples: Path
+    sample_run_info: Path  # the run these samples were logged into (read by evaluate)
 
     @classmethod
     def under(cls, root: Path) -> SamplePaths:
         root = Path(root).resolve()
         return cls(root, root / "models/ema.pt", root / "models/run.json", root / "samples/grid.png",
-                   root / "samples/denoise.png", root / "samples/samples.npz")
+                   root / "samples/denoise.png", root / "samples/samples.npz", root / "samples/run.json")
 
 
 @dataclass
@@ -134,13 +135,6 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), json.loads(str(z["meta"]))
 
 
-def read_run_id(run_info: Path) -> str | None:
-    """The MLflow run id the train stage recorded (None when tracking was off)."""
-    if not run_info.exists():
-        return None
-    return json.loads(run_info.read_text()).get("mlflow_run_id") or None
-
-
 def sample_stage(cfg: Config, paths: SamplePaths) -> dict:
     """The sample stage: grid, denoising picture and evaluation set, logged into the training run."""
     lm = load_model(paths.checkpoint, cfg)
@@ -157,13 +151,17 @@ def sample_stage(cfg: Config, paths: SamplePaths) -> dict:
     save_samples(paths.samples, images, labels, meta)
     run_id = read_run_id(paths.run_info)
     if run_id:
-        tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={})
+        # the training's run, or a new child run of it when these sampling params are not the ones it logged
+        tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={},
+                                new_run_if_params_differ=True)
         try:
             tracker.log_image("samples/grid", grid, step=lm.step)
             tracker.log_artifact(paths.grid)
             tracker.log_artifact(paths.denoise)
         finally:
             tracker.finish("FINISHED")
+        run_id = tracker.run_id
+    write_run_id(paths.sample_run_info, run_id)
     return meta
 
 

@@ -43,6 +43,8 @@ _METRICS_PER_BATCH = 1000  # ... and for metrics
 _MAX_PENDING = 32  # async metric batches in flight before we wait on them (bounds memory)
 _RETRIES = 5  # attempts for a write the sqlite store rejected (e.g. "database is locked")
 _FINAL_KEYS_TAG = "ddpm.final_metrics"  # comma-separated keys logged through log_final
+TRAIN_FINAL_PREFIX = "train_"  # the train stage's final metrics (log_final) carry this prefix
+_TRAIN_RUN_TAG = "ddpm.train_run_id"  # on a derived run (see Tracker.start): the training run it samples
 _TB_DIR_TAG = "ddpm.tensorboard_dir"  # so a re-opened run writes into its own TensorBoard dir
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -249,12 +251,20 @@ class Tracker:
         run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
+        new_run_if_params_differ: bool = False,
     ) -> Tracker:
         """Create (or, with `run_id`, re-open) the run and open its TensorBoard writer.
 
         `repo_root` is where the code runs (git tags come from it); the store lives at
         `store_root(repo_root)`. `resume_step`: training resumed from a checkpoint at that step,
         so TensorBoard drops the events logged after it by the crashed attempt.
+
+        `new_run_if_params_differ` (sample, evaluate): when the params differ from those `run_id` logged
+        (`dvc exp run -S sample.guidance_scale=2` re-runs sampling on a training DVC took from its cache),
+        results must not overwrite the other experiment's, so a NEW run is made: the current params, a
+        child of the training run (`mlflow.parentRunId`, tag `ddpm.train_run_id`), starting with a copy
+        of the training's final metrics. Without it (train resuming), the run is re-opened and the
+        differing values are recorded as `param_override.*` tags.
         """
         self = cls()
         repo_root = Path(repo_root)
@@ -265,22 +275,30 @@ class Tracker:
         if resume_step is not None:
             self._last_step = resume_step
         if cfg.tracking.mlflow:
-            self._start_mlflow(cfg, repo_root, run_id, params, all_tags)
+            self._start_mlflow(cfg, repo_root, run_id, params, all_tags, new_run_if_params_differ)
         if cfg.tracking.tensorboard:
             self._start_tensorboard(store_root(repo_root), resume_step)
         return self
 
     def _start_mlflow(
-        self, cfg: Config, repo_root: Path, run_id: str | None, params: dict[str, Any], tags: dict[str, str]
+        self, cfg: Config, repo_root: Path, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
+        new_run_if_params_differ: bool,
     ) -> None:
-        """Open the store, create or re-open the run, log params (new runs) and tags."""
+        """Open the store, create, derive or re-open the run, log params (new runs) and tags."""
         self.tracking_uri = tracking_uri(repo_root)
         self._client, experiment_id = _open_store(self.tracking_uri, cfg.tracking.experiment)
-        run = self._reopen(run_id) if run_id else None
+        source = self._find(run_id) if run_id else None
+        derive = source is not None and new_run_if_params_differ and bool(_changed_params(source.data.params, params))
+        run = None if source is None or derive else self._reopen(source)
         if run is None:
+            parent = _train_run_id(source) if derive else None
+            if parent:
+                tags = {**tags, "mlflow.parentRunId": parent, _TRAIN_RUN_TAG: parent}
             run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
             self._log_params(params)
+            if parent:
+                self._copy_final_metrics(parent)
         else:
             self.run_id = run.info.run_id
             self.run_name = run.info.run_name or self.run_name
@@ -290,13 +308,13 @@ class Tracker:
         if cfg.tracking.system_metrics:
             self._start_system_metrics(resume=run_id is not None)
 
-    def _reopen(self, run_id: str) -> Any:
-        """The run `run_id` set back to RUNNING, or None (with a warning) when the store lacks it."""
+    def _find(self, run_id: str) -> Any:
+        """The run `run_id`, or None (with a warning) when the store lacks it."""
         from mlflow.exceptions import MlflowException
 
         assert self._client is not None
         try:
-            run = self._client.get_run(run_id)
+            return self._client.get_run(run_id)
         except MlflowException:
             log.warning(
                 "MLflow run %s is not in %s (deleted, or another store); starting a new run",
@@ -304,8 +322,25 @@ class Tracker:
                 self.tracking_uri,
             )
             return None
-        self._client.update_run(run_id, status="RUNNING")
+
+    def _reopen(self, run: Any) -> Any:
+        """`run` set back to RUNNING."""
+        assert self._client is not None
+        self._client.update_run(run.info.run_id, status="RUNNING")
         return run
+
+    def _copy_final_metrics(self, train_run_id: str) -> None:
+        """The training's own final metrics (`train_*`) from its run into this one.
+
+        Not the evaluation's: the training run also holds the results of the sampling params it was
+        created with, which are not this run's.
+        """
+        assert self._client is not None
+        source = self._client.get_run(train_run_id)
+        finals = {k: source.data.metrics[k] for k in _final_keys(source.data.tags)
+                  if k.startswith(TRAIN_FINAL_PREFIX) and k in source.data.metrics}
+        if finals:
+            self.log_final(finals)
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
         """Every flattened config value once, in batches of MLflow's limit."""
@@ -490,6 +525,28 @@ class Tracker:
 def _final_keys(tags: Mapping[str, str]) -> list[str]:
     """The keys recorded by `log_final` (the run's final-metrics tag)."""
     return [k for k in tags.get(_FINAL_KEYS_TAG, "").split(",") if k]
+
+
+def read_run_id(run_info: Path) -> str | None:
+    """The MLflow run id a stage recorded in `run_info` (None when tracking was off)."""
+    if not run_info.exists():
+        return None
+    return json.loads(run_info.read_text()).get("mlflow_run_id") or None
+
+
+def write_run_id(run_info: Path, run_id: str | None) -> None:
+    """Record the MLflow run a stage logged into ("" when none), for the stage after it."""
+    write_text(run_info, json.dumps({"mlflow_run_id": run_id or ""}, indent=2) + "\n")
+
+
+def _changed_params(stored: Mapping[str, str], params: Mapping[str, Any]) -> list[str]:
+    """The params whose value differs from (or is missing in) a run's logged params."""
+    return [k for k, v in params.items() if stored.get(k) != _param_text(v)]
+
+
+def _train_run_id(run: Any) -> str:
+    """The training run behind `run`: its `ddpm.train_run_id` tag for a derived run, else the run itself."""
+    return run.data.tags.get(_TRAIN_RUN_TAG) or run.info.run_id
 
 
 def _param_overrides(stored: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:

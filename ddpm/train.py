@@ -8,7 +8,6 @@ gives bit-identical EMA weights to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import sys
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddpm import atomic
 from ddpm.batches import make_batches
 from ddpm.checkpoint import save_checkpoint
 from ddpm.config import Config
@@ -43,7 +41,7 @@ from ddpm.runtime import (
     resolve_device,
 )
 from ddpm.seeding import rng_state, seed_everything, set_rng_state
-from ddpm.tracking import Tracker, write_metrics, write_tsv
+from ddpm.tracking import TRAIN_FINAL_PREFIX, Tracker, write_metrics, write_run_id, write_tsv
 from ddpm.train_step import StepContext, StepStats, train_step
 from ddpm.unet import build_unet
 
@@ -129,7 +127,7 @@ class Run:
         """The full training state as plain data (weights_only-loadable)."""
         return {
             "format_version": 1,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.training_dict(),
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -344,11 +342,14 @@ def _progress_grid(run: Run, tracker, paths: TrainPaths) -> None:
     """Sample the same seeds with the EMA model: one row per class (the seed's table over training)."""
     cfg = run.cfg
     k = cfg.model.num_classes or 1
-    per_class = min(cfg.sample.grid_per_class, 8)
+    tc = cfg.train
+    per_class = tc.progress_per_class
     labels = balanced_labels(k * per_class, k).view(per_class, k).t().reshape(-1) if cfg.model.num_classes else None
+    settings = SamplerSettings(sampler=tc.progress_sampler, steps=tc.progress_steps, eta=0.0,
+                               guidance_scale=tc.progress_guidance_scale)
     images, _ = generate(
-        run.ema.model, run.diffusion, labels, SamplerSettings.from_config(cfg.sample), num=k * per_class,
-        device=run.device, seed=cfg.seed, batch_size=cfg.sample.batch_size, precision=cfg.train.precision,
+        run.ema.model, run.diffusion, labels, settings, num=k * per_class,
+        device=run.device, seed=cfg.seed, batch_size=tc.batch_size, precision=tc.precision,
     )
     grid = grid_hwc(images, nrow=per_class)
     save_png(paths.progress / f"step_{run.step:07d}.png", grid)
@@ -367,7 +368,7 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: TrainPaths, timing: di
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
     store.finish()
     save_checkpoint(paths.ema, {
-        "format_version": 1, "config": run.cfg.to_dict(), "step": run.step, "ema": run.ema.state_dict(),
+        "format_version": 1, "config": run.cfg.training_dict(), "step": run.step, "ema": run.ema.state_dict(),
         "class_names": run.class_names,
     })
     last = run.plot_rows[-1] if run.plot_rows else [run.step, float("nan")]
@@ -379,8 +380,8 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: TrainPaths, timing: di
         "timing": {k: round(v, 3) for k, v in timing.items()},
     }
     write_metrics(paths.metrics, metrics)
-    atomic.write_text(paths.run_info, json.dumps({"mlflow_run_id": run.run_id}, indent=2) + "\n")
+    write_run_id(paths.run_info, run.run_id)
     if tracker is not None:
-        tracker.log_final({f"train_{k}": v for k, v in metrics.items() if k != "timing"})
+        tracker.log_final({f"{TRAIN_FINAL_PREFIX}{k}": v for k, v in metrics.items() if k != "timing"})
         tracker.log_artifact(paths.ema)
     return metrics

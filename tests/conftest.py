@@ -19,7 +19,7 @@ TINY = {
     "diffusion": {"timesteps": 40},
     "train": {"device": "cpu", "batch_size": 8, "steps": 6, "lr": 1e-3, "warmup_steps": 2, "precision": "fp32",
               "compile": False, "channels_last": False, "sample_every": 3, "checkpoint_every": 2,
-              "ema_decay": 0.9},
+              "progress_steps": 4, "progress_per_class": 2, "ema_decay": 0.9},
     "sample": {"steps": 4, "num_samples": 20, "batch_size": 20, "grid_per_class": 2, "denoise_frames": 3,
                "guidance_scale": 1.0},
     "evaluate": {"fid": False, "classifier": {"epochs": 1, "width": 8, "batch_size": 32},

@@ -44,6 +44,7 @@ def _outputs(repo: Path) -> list[Path]:
         ({"model": {"attention_resolutions": [5]}}, ["attention_resolutions [5]", "resolutions are [16, 8]"]),
         ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, ["beta_start", "smaller than"]),
         ({"sample": {"guidance_scale": -1.0}}, ["sample.guidance_scale", "greater than or equal to 0"]),
+        ({"train": {"progress_steps": 41}}, ["train.progress_steps=41", "diffusion.timesteps=40"]),
     ],
 )
 def test_invalid_params_name_the_field_and_exit_2(repo, capsys, change, fragments):

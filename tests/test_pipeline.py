@@ -157,6 +157,21 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     table = _run([sys.executable, "-m", "ddpm", "compare", "--experiment", "cmp"], dvc_repo).stdout
     assert "schedule" in table and "cosine" in table and "linear" in table
 
+    # a sampling-only experiment re-samples the cached (cosine) training, into a child run of its own
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "sample.guidance_scale=2.5"], dvc_repo)
+    lock3 = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
+    assert lock3["stages"]["train"] == lock2["stages"]["train"]  # not retrained
+    assert lock3["stages"]["sample"]["params"]["params.yaml"]["sample"]["guidance_scale"] == 2.5
+    runs = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
+    assert len(runs) == 3
+    child = next(r for r in runs if r.data.params["sample.guidance_scale"] == "2.5")
+    assert child.data.tags["mlflow.parentRunId"] == cosine.info.run_id
+    assert child.data.params["schedule"] == "cosine" and child.info.status == "FINISHED"
+    assert child.data.metrics["train_loss"] == cosine.data.metrics["train_loss"]
+    assert "eval_class_accuracy" in child.data.metrics and "grid.png" in {
+        a.path for a in client.list_artifacts(child.info.run_id)}
+    assert client.get_run(cosine.info.run_id).data.metrics == cosine.data.metrics  # its results untouched
+
 
 def test_mlproject_entry_points_and_conda_pins_match_pyproject():
     import tomllib

@@ -76,7 +76,8 @@ def test_train_writes_declared_outputs(tmp_path):
     assert metrics["steps"] == cfg.train.steps
     assert metrics["images_seen"] == cfg.train.steps * cfg.train.batch_size
     ckpt = load_checkpoint(paths.ema)
-    assert Config.from_dict(ckpt["config"]) == cfg  # the config travels with the weights
+    assert ckpt["config"] == cfg.training_dict()  # the training config travels with the weights
+    assert Config.from_dict(ckpt["config"]).model == cfg.model
     assert ckpt["class_names"][0] == "circle" and len(ckpt["class_names"]) == 10
     assert all(torch.isfinite(t).all() for t in _tensors(ckpt["ema"]).values())
     stored = json.loads(paths.metrics.read_text())
@@ -91,11 +92,16 @@ def test_train_writes_declared_outputs(tmp_path):
 
 
 def test_two_clean_runs_are_byte_identical(tmp_path):
+    """...even when the sample / evaluate params differ: training never reads them (so DVC's train stage
+    does not depend on them, and `dvc exp run -S sample.guidance_scale=2` re-samples without retraining)."""
     cfg = _cfg()
+    other = _cfg(sample={"guidance_scale": 3.0, "steps": 7, "grid_per_class": 3, "batch_size": 5},
+                 evaluate={"sweep_samples": 11})
     a = _prepared(tmp_path / "a", cfg)
-    b = _prepared(tmp_path / "b", cfg)
-    ma, mb = train(cfg, a), train(cfg, b)
+    b = _prepared(tmp_path / "b", other)
+    ma, mb = train(cfg, a), train(other, b)
     assert a.ema.read_bytes() == b.ema.read_bytes()
+    assert [p.read_bytes() for p in sorted(a.progress.iterdir())] == [p.read_bytes() for p in sorted(b.progress.iterdir())]
     assert {k: v for k, v in ma.items() if k != "timing"} == {k: v for k, v in mb.items() if k != "timing"}
     assert a.plot.read_text() == b.plot.read_text()
 
