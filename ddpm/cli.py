@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ddpm.config import CompileMode, Config, load_config
 from ddpm.errors import UserError
+from ddpm.layout import Layout
 
 
 def repo_root() -> Path:
@@ -63,41 +64,41 @@ def _print_json(data: object) -> None:
 def _cmd_prepare(cfg: Config, args) -> None:
     from ddpm.data import prepare
 
-    _print_json(prepare(cfg, repo_root() / "data/prepared"))
+    _print_json(prepare(cfg, Layout.under(repo_root()).prepared))
 
 
 def _cmd_classifier(cfg: Config, args) -> None:
-    from ddpm.evaluate import EvaluatePaths, classifier_stage
+    from ddpm.evaluate import classifier_stage
 
-    _print_json(classifier_stage(cfg, EvaluatePaths.under(repo_root())))
+    _print_json(classifier_stage(cfg, Layout.under(repo_root())))
 
 
 def _cmd_fid_stats(cfg: Config, args) -> None:
-    from ddpm.evaluate import EvaluatePaths, fid_stats_stage
+    from ddpm.evaluate import fid_stats_stage
 
-    _print_json(fid_stats_stage(cfg, EvaluatePaths.under(repo_root())))
+    _print_json(fid_stats_stage(cfg, Layout.under(repo_root())))
 
 
 def _cmd_train(cfg: Config, args) -> None:
-    from ddpm.train import TrainPaths, train
+    from ddpm.train import train
 
-    _print_json(train(cfg, TrainPaths.under(repo_root())))
+    _print_json(train(cfg, Layout.under(repo_root())))
 
 
 def _cmd_sample(cfg: Config, args) -> None:
-    from ddpm.sample import SamplePaths, sample_cli, sample_stage
+    from ddpm.sample import sample_cli, sample_stage
 
     if args.out is None:
-        _print_json(sample_stage(cfg, SamplePaths.under(repo_root())))
+        _print_json(sample_stage(cfg, Layout.under(repo_root())))
     else:
         sample_cli(cfg, args)
 
 
 def _cmd_evaluate(cfg: Config, args) -> None:
-    from ddpm.evaluate import EvaluatePaths, evaluate_stage
+    from ddpm.evaluate import evaluate_stage
 
     sweep = None if args.guidance_sweep is None else _floats(args.guidance_sweep)
-    _print_json(evaluate_stage(cfg, EvaluatePaths.under(repo_root()), sweep=sweep))
+    _print_json(evaluate_stage(cfg, Layout.under(repo_root()), sweep=sweep))
 
 
 def _cmd_compare(cfg: Config, args) -> None:

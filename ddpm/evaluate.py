@@ -8,7 +8,6 @@ k-NN precision/recall. Standard FID/IS use torch-fidelity's InceptionV3 with the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from ddpm.data import load_prepared
 from ddpm.errors import UserError
 from ddpm.fid import InceptionFeatures, fid_from_features, inception_outputs, inception_score, load_stats, save_stats
 from ddpm.generate import SamplerSettings
+from ddpm.layout import Layout
 from ddpm.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
 from ddpm.runtime import resolve_device
 from ddpm.sample import evaluation_set, load_model, load_samples
@@ -28,30 +28,7 @@ from ddpm.tracking import Tracker, read_run_id, write_metrics, write_tsv
 SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
 
 
-@dataclass(frozen=True)
-class EvaluatePaths:
-    """Inputs and outputs of the classifier, fid_stats and evaluate stages (absolute paths)."""
-
-    root: Path
-    prepared: Path
-    classifier: Path
-    classifier_metrics: Path
-    fid_stats: Path
-    checkpoint: Path
-    run_info: Path  # the MLflow run the sample stage logged into
-    samples: Path
-    metrics: Path
-    sweep: Path
-
-    @classmethod
-    def under(cls, root: Path) -> EvaluatePaths:
-        root = Path(root).resolve()
-        return cls(root, root / "data/prepared", root / "models/classifier.pt", root / "metrics/classifier.json",
-                   root / "models/fid_stats.npz", root / "models/ema.pt", root / "samples/run.json",
-                   root / "samples/samples.npz", root / "metrics/eval.json", root / "plots/guidance_sweep.tsv")
-
-
-def classifier_stage(cfg: Config, paths: EvaluatePaths) -> dict:
+def classifier_stage(cfg: Config, paths: Layout) -> dict:
     """Train the evaluation classifier on the training split; report its held-out accuracy."""
     data = load_prepared(paths.prepared)
     device = resolve_device(cfg.train.device)
@@ -67,7 +44,7 @@ def classifier_stage(cfg: Config, paths: EvaluatePaths) -> dict:
     return metrics
 
 
-def fid_stats_stage(cfg: Config, paths: EvaluatePaths) -> dict:
+def fid_stats_stage(cfg: Config, paths: Layout) -> dict:
     """Inception pool statistics of the whole training split (computed once; a DVC output).
 
     With `evaluate.fid: false` the file records that FID is disabled, so the pipeline's shape does not
@@ -102,7 +79,7 @@ def offline_metrics(classifier, images: torch.Tensor, labels: torch.Tensor, real
 class _FidScorer:
     """The Inception network and the training-set statistics, loaded once for every FID/IS computed here."""
 
-    def __init__(self, cfg: Config, paths: EvaluatePaths, device: torch.device):
+    def __init__(self, cfg: Config, paths: Layout, device: torch.device):
         self.mu, self.sigma = load_stats(paths.fid_stats)
         if self.mu is None:
             raise UserError(
@@ -119,7 +96,7 @@ class _FidScorer:
                 "inception_score_std": is_std}
 
 
-def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None = None) -> dict:
+def evaluate_stage(cfg: Config, paths: Layout, sweep: list[float] | None = None) -> dict:
     """Metrics of the sample stage's images, the real-data floor, FID/IS if on, and the guidance sweep."""
     data = load_prepared(paths.prepared)
     classifier = load_classifier(paths.classifier, resolve_device(cfg.train.device))
@@ -147,17 +124,17 @@ def evaluate_stage(cfg: Config, paths: EvaluatePaths, sweep: list[float] | None 
     rows = _guidance_sweep(cfg, paths, classifier, real_feats, num_classes,
                            cfg.evaluate.guidance_sweep if sweep is None else sweep, fid)
     _write_sweep(paths.sweep, rows)
-    write_metrics(paths.metrics, metrics)
+    write_metrics(paths.eval_metrics, metrics)
     _log(cfg, paths, metrics, rows)
     return metrics
 
 
-def _guidance_sweep(cfg: Config, paths: EvaluatePaths, classifier, real_feats: np.ndarray, num_classes: int,
+def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarray, num_classes: int,
                     scales: list[float], fid: _FidScorer | None) -> list[dict]:
     """One row of offline metrics (and FID when on) per guidance scale, on fresh samples."""
     if not scales:
         return []
-    lm = load_model(paths.checkpoint, cfg)
+    lm = load_model(paths.ema, cfg)
     rows = []
     for w in scales:
         settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w)
@@ -176,9 +153,9 @@ def _write_sweep(path: Path, rows: list[dict]) -> None:
     write_tsv(path, columns, rows)
 
 
-def _log(cfg: Config, paths: EvaluatePaths, metrics: dict, rows: list[dict]) -> None:
+def _log(cfg: Config, paths: Layout, metrics: dict, rows: list[dict]) -> None:
     """Final metrics (and the sweep, stepped by guidance scale x 100) into the pipeline's MLflow run."""
-    run_id = read_run_id(paths.run_info)
+    run_id = read_run_id(paths.sample_run)
     if not run_id:
         return
     # the sample stage's run, or a new child of the training run when the evaluate params changed since
@@ -189,7 +166,7 @@ def _log(cfg: Config, paths: EvaluatePaths, metrics: dict, rows: list[dict]) -> 
         for r in rows:
             tracker.log_metrics({f"sweep_{k}": v for k, v in r.items() if k != "guidance_scale"},
                                 step=int(round(r["guidance_scale"] * 100)))
-        tracker.log_artifact(paths.metrics)
+        tracker.log_artifact(paths.eval_metrics)
         tracker.log_artifact(paths.sweep)
     finally:
         tracker.finish("FINISHED")

@@ -19,28 +19,10 @@ from ddpm.config import Config
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, balanced_labels, generate
 from ddpm.images import grid_hwc, save_png
+from ddpm.layout import Layout
 from ddpm.runtime import check_precision, configure_backends, resolve_device
 from ddpm.samplers import respaced_timesteps
 from ddpm.tracking import Tracker, read_run_id, write_run_id
-
-
-@dataclass(frozen=True)
-class SamplePaths:
-    """Inputs and declared outputs of the sample stage (absolute paths)."""
-
-    root: Path
-    checkpoint: Path
-    run_info: Path  # the training's MLflow run (written by train)
-    grid: Path
-    denoise: Path
-    samples: Path
-    sample_run_info: Path  # the run these samples were logged into (read by evaluate)
-
-    @classmethod
-    def under(cls, root: Path) -> SamplePaths:
-        root = Path(root).resolve()
-        return cls(root, root / "models/ema.pt", root / "models/run.json", root / "samples/grid.png",
-                   root / "samples/denoise.png", root / "samples/samples.npz", root / "samples/run.json")
 
 
 @dataclass
@@ -135,9 +117,9 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), json.loads(str(z["meta"]))
 
 
-def sample_stage(cfg: Config, paths: SamplePaths) -> dict:
+def sample_stage(cfg: Config, paths: Layout) -> dict:
     """The sample stage: grid, denoising picture and evaluation set, logged into the training run."""
-    lm = load_model(paths.checkpoint, cfg)
+    lm = load_model(paths.ema, cfg)
     sc, precision = cfg.sample, cfg.train.precision
     settings = SamplerSettings.from_config(sc)
     classes = list(range(max(lm.config.model.num_classes, 1)))
@@ -149,7 +131,7 @@ def sample_stage(cfg: Config, paths: SamplePaths) -> dict:
     save_png(paths.grid, grid)
     save_png(paths.denoise, denoise)
     save_samples(paths.samples, images, labels, meta)
-    run_id = read_run_id(paths.run_info)
+    run_id = read_run_id(paths.train_run)
     if run_id:
         # the training's run, or a new child run of it when these sampling params are not the ones it logged
         tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={},
@@ -161,7 +143,7 @@ def sample_stage(cfg: Config, paths: SamplePaths) -> dict:
         finally:
             tracker.finish("FINISHED")
         run_id = tracker.run_id
-    write_run_id(paths.sample_run_info, run_id)
+    write_run_id(paths.sample_run, run_id)
     return meta
 
 

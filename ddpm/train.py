@@ -28,6 +28,7 @@ from ddpm.ema import EMA
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, balanced_labels, generate
 from ddpm.images import grid_hwc, save_png
+from ddpm.layout import Layout
 from ddpm.resources import ResourceMonitor
 from ddpm.resume import ResumeStore, resume_key, resume_root
 from ddpm.runtime import (
@@ -46,33 +47,6 @@ from ddpm.train_step import StepContext, StepStats, train_step
 from ddpm.unet import build_unet
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
-
-
-@dataclass(frozen=True)
-class TrainPaths:
-    """Inputs and declared outputs of the train stage (absolute paths)."""
-
-    root: Path
-    prepared: Path
-    ema: Path
-    run_info: Path
-    metrics: Path
-    plot: Path
-    progress: Path
-
-    @classmethod
-    def under(cls, root: Path) -> TrainPaths:
-        """The layout of dvc.yaml below the repository root."""
-        root = Path(root).resolve()
-        return cls(
-            root=root,
-            prepared=root / "data/prepared",
-            ema=root / "models/ema.pt",
-            run_info=root / "models/run.json",
-            metrics=root / "metrics/train.json",
-            plot=root / "plots/train_loss.tsv",
-            progress=root / "samples/progress",
-        )
 
 
 class Interrupted(Exception):
@@ -209,7 +183,7 @@ def _warn_disk(cfg: Config, root: Path, model: torch.nn.Module) -> None:
               "for checkpoints and samples", file=sys.stderr)
 
 
-def train(cfg: Config, paths: TrainPaths) -> dict:
+def train(cfg: Config, paths: Layout) -> dict:
     """Run (or resume) training; write the stage outputs on rank 0; return the reproducible metrics."""
     ranks = ranks_from_env()
     _check_world(cfg, ranks)
@@ -223,7 +197,7 @@ def train(cfg: Config, paths: TrainPaths) -> dict:
         close_distributed()
 
 
-def _train(cfg: Config, paths: TrainPaths, ranks: Ranks, device: torch.device) -> dict:
+def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> dict:
     data = load_prepared(paths.prepared)
     if len(data.class_names) != cfg.model.num_classes and cfg.model.num_classes != 0:
         raise UserError(
@@ -271,7 +245,7 @@ def _tags(data_hash: str, device: torch.device) -> dict[str, str]:
     }
 
 
-def _loop(run: Run, store: ResumeStore, tracker, paths: TrainPaths, data_hash: str) -> dict:
+def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) -> dict:
     """The training loop: steps, periodic logging, progress grids and checkpoints."""
     cfg, main = run.cfg, run.ranks.is_main
     ctx = StepContext(
@@ -312,7 +286,7 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: TrainPaths, data_hash: s
     return {"wall_time_s": wall, "images_per_s": steps_done * cfg.train.batch_size / wall if wall else 0.0}
 
 
-def _log(run: Run, tracker, bar, images_per_s: float, paths: TrainPaths, monitor: ResourceMonitor | None) -> None:
+def _log(run: Run, tracker, bar, images_per_s: float, paths: Layout, monitor: ResourceMonitor | None) -> None:
     """Read the device-side statistics back (one sync), stop on too many bad steps, log everywhere."""
     stats = run.stats.read()
     cfg = run.cfg
@@ -327,7 +301,7 @@ def _log(run: Run, tracker, bar, images_per_s: float, paths: TrainPaths, monitor
         return
     row = [run.step] + [stats.get(c, float("nan")) for c in PLOT_COLUMNS[1:-1]] + [lr]
     run.plot_rows.append(row)
-    _write_plot(paths.plot, run.plot_rows)
+    _write_plot(paths.loss_plot, run.plot_rows)
     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{images_per_s:.0f}")
     if tracker is not None:
         resources = monitor.sample() if monitor is not None else {}
@@ -338,7 +312,7 @@ def _write_plot(path: Path, rows: list[list[float]]) -> None:
     write_tsv(path, PLOT_COLUMNS, [dict(zip(PLOT_COLUMNS, r, strict=True)) for r in rows])
 
 
-def _progress_grid(run: Run, tracker, paths: TrainPaths) -> None:
+def _progress_grid(run: Run, tracker, paths: Layout) -> None:
     """Sample the same seeds with the EMA model: one row per class (the seed's table over training)."""
     cfg = run.cfg
     k = cfg.model.num_classes or 1
@@ -364,7 +338,7 @@ def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
         torch.distributed.barrier()
 
 
-def _finish(run: Run, store: ResumeStore, tracker, paths: TrainPaths, timing: dict) -> dict:
+def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) -> dict:
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
     store.finish()
     save_checkpoint(paths.ema, {
@@ -379,8 +353,8 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: TrainPaths, timing: di
         "bad_steps": int(run.stats.bad_total.item()),
         "timing": {k: round(v, 3) for k, v in timing.items()},
     }
-    write_metrics(paths.metrics, metrics)
-    write_run_id(paths.run_info, run.run_id)
+    write_metrics(paths.train_metrics, metrics)
+    write_run_id(paths.train_run, run.run_id)
     if tracker is not None:
         tracker.log_final({f"{TRAIN_FINAL_PREFIX}{k}": v for k, v in metrics.items() if k != "timing"})
         tracker.log_artifact(paths.ema)

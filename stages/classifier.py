@@ -1,7 +1,8 @@
 """DVC stage `classifier`: data/prepared/ -> models/classifier.pt, metrics/classifier.json."""
 
 from ddpm.cli import run_stage
-from ddpm.evaluate import EvaluatePaths, classifier_stage
+from ddpm.evaluate import classifier_stage
+from ddpm.layout import Layout
 
 if __name__ == "__main__":
-    run_stage(lambda cfg, root: classifier_stage(cfg, EvaluatePaths.under(root)))
+    run_stage(lambda cfg, root: classifier_stage(cfg, Layout.under(root)))

@@ -2,6 +2,7 @@
 
 from ddpm.cli import run_stage
 from ddpm.data import prepare
+from ddpm.layout import Layout
 
 if __name__ == "__main__":
-    run_stage(lambda cfg, root: prepare(cfg, root / "data/prepared"))
+    run_stage(lambda cfg, root: prepare(cfg, Layout.under(root).prepared))

@@ -1,7 +1,9 @@
-"""DVC stage `sample`: models/ema.pt -> samples/grid.png, samples/denoise.png, samples/samples.npz."""
+"""DVC stage `sample`: models/ema.pt -> samples/grid.png, samples/denoise.png, samples/samples.npz,
+samples/run.json."""
 
 from ddpm.cli import run_stage
-from ddpm.sample import SamplePaths, sample_stage
+from ddpm.layout import Layout
+from ddpm.sample import sample_stage
 
 if __name__ == "__main__":
-    run_stage(lambda cfg, root: sample_stage(cfg, SamplePaths.under(root)))
+    run_stage(lambda cfg, root: sample_stage(cfg, Layout.under(root)))

@@ -2,7 +2,8 @@
 plots/train_loss.tsv, samples/progress/. Also the torchrun entry point for multi-GPU training."""
 
 from ddpm.cli import run_stage
-from ddpm.train import TrainPaths, train
+from ddpm.layout import Layout
+from ddpm.train import train
 
 if __name__ == "__main__":
-    run_stage(lambda cfg, root: train(cfg, TrainPaths.under(root)))
+    run_stage(lambda cfg, root: train(cfg, Layout.under(root)))

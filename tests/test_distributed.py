@@ -15,7 +15,8 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.config import Config
 from ddpm.data import prepare
 from ddpm.resume import resume_root
-from ddpm.train import TrainPaths, train
+from ddpm.train import train
+from ddpm.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 
@@ -31,7 +32,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(_cfg(), TrainPaths.under(Path(root)))
+    train(_cfg(), Layout.under(Path(root)))
 
 
 def _free_port() -> int:
@@ -50,13 +51,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     for root in (single, multi):
         prepare(cfg, root / "data/prepared")
-    train(cfg, TrainPaths.under(single))
+    train(cfg, Layout.under(single))
     mp.start_processes(_worker, args=(2, _free_port(), str(multi)), nprocs=2, join=True, start_method="spawn")
     a, b = _final_model(single), _final_model(multi)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     # and training really moved the weights (the comparison is not trivially equal)
-    initial = load_checkpoint(TrainPaths.under(single).ema)["ema"]["weights"]
+    initial = load_checkpoint(Layout.under(single).ema)["ema"]["weights"]
     assert any(not torch.equal(a[k], initial[k]) for k in a)
     assert (multi / "models/ema.pt").exists()  # rank 0 wrote the outputs

@@ -22,6 +22,7 @@ from ddpm.fid import (
     resolve_inception_weights,
     save_stats,
 )
+from ddpm.layout import Layout
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +210,8 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     from conftest import tiny_params
     from ddpm.config import load_config
     from ddpm.data import prepare
-    from ddpm.sample import SamplePaths, sample_stage
-    from ddpm.train import TrainPaths, train
+    from ddpm.sample import sample_stage
+    from ddpm.train import train
 
     params = tiny_params(train={"steps": 2, "sample_every": 0},
                          evaluate={"fid": True, "inception_weights": str(random_weights), "download_inception": False,
@@ -220,11 +221,11 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(repo / "params.yaml")
     prepare(cfg, repo / "data/prepared")
-    paths = evaluate_mod.EvaluatePaths.under(repo)
+    paths = Layout.under(repo)
     evaluate_mod.classifier_stage(cfg, paths)
     evaluate_mod.fid_stats_stage(cfg, paths)
-    train(cfg, TrainPaths.under(repo))
-    sample_stage(cfg, SamplePaths.under(repo))
+    train(cfg, Layout.under(repo))
+    sample_stage(cfg, Layout.under(repo))
     built = []
     real = evaluate_mod.InceptionFeatures
     monkeypatch.setattr(evaluate_mod, "InceptionFeatures", lambda *a, **k: built.append(1) or real(*a, **k))

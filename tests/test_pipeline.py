@@ -16,9 +16,10 @@ import yaml
 from conftest import tiny_params
 from ddpm.config import Config, flatten, load_config
 from ddpm.data import prepare
-from ddpm.evaluate import EvaluatePaths, classifier_stage, evaluate_stage, fid_stats_stage
-from ddpm.sample import SamplePaths, sample_stage
-from ddpm.train import TrainPaths, train
+from ddpm.evaluate import classifier_stage, evaluate_stage, fid_stats_stage
+from ddpm.sample import sample_stage
+from ddpm.train import train
+from ddpm.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate"]
@@ -57,14 +58,27 @@ def test_dvc_yaml_stages_are_thin_and_declare_what_they_read():
         assert "run_stage(" in source and len(source.splitlines()) < 15, f"{script} should only call ddpm"
 
 
+def test_layout_is_the_file_layout_dvc_yaml_declares():
+    """Every data file a stage reads or writes is a Layout path, and every Layout path is in dvc.yaml."""
+    root = Path("/r")
+    layout = Layout.under(root)
+    ours = {str(getattr(layout, name).relative_to(layout.root)) for name, v in vars(Layout).items()
+            if isinstance(v, property)}
+    declared = set()
+    for stage in _dvc_yaml()["stages"].values():
+        declared |= set(_declared(stage))
+        declared |= {d for d in stage["deps"] if d != "ddpm" and not d.startswith("stages/")}
+    assert ours == declared
+
+
 def test_every_stage_function_writes_its_declared_outputs(repo):
     cfg = load_config(repo / "params.yaml")
     prepare(cfg, repo / "data/prepared")
-    ev = EvaluatePaths.under(repo)
+    ev = Layout.under(repo)
     classifier_stage(cfg, ev)
     fid_stats_stage(cfg, ev)
-    train(cfg, TrainPaths.under(repo))
-    sample_stage(cfg, SamplePaths.under(repo))
+    train(cfg, Layout.under(repo))
+    sample_stage(cfg, Layout.under(repo))
     metrics = evaluate_stage(cfg, ev)
     for name, stage in _dvc_yaml()["stages"].items():
         for path in _declared(stage):

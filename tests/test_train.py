@@ -17,7 +17,8 @@ from ddpm.config import Config
 from ddpm.data import prepare
 from ddpm.errors import UserError
 from ddpm.resume import ResumeStore, resume_key, resume_root
-from ddpm.train import Interrupted, TrainPaths, train
+from ddpm.train import Interrupted, train
+from ddpm.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 
@@ -27,8 +28,8 @@ def _cfg(**sections) -> Config:
     return Config.from_dict(tiny_params(**sections))
 
 
-def _prepared(root: Path, cfg: Config) -> TrainPaths:
-    paths = TrainPaths.under(root)
+def _prepared(root: Path, cfg: Config) -> Layout:
+    paths = Layout.under(root)
     prepare(cfg, paths.prepared)
     return paths
 
@@ -80,9 +81,9 @@ def test_train_writes_declared_outputs(tmp_path):
     assert Config.from_dict(ckpt["config"]).model == cfg.model
     assert ckpt["class_names"][0] == "circle" and len(ckpt["class_names"]) == 10
     assert all(torch.isfinite(t).all() for t in _tensors(ckpt["ema"]).values())
-    stored = json.loads(paths.metrics.read_text())
+    stored = json.loads(paths.train_metrics.read_text())
     assert stored["steps"] == cfg.train.steps and "images_per_s" in stored["timing"]
-    rows = paths.plot.read_text().splitlines()
+    rows = paths.loss_plot.read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"]
     assert [int(r.split("\t")[0]) for r in rows[1:]] == [2, 4, 6]  # every tracking.log_every steps
     assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
@@ -103,7 +104,7 @@ def test_two_clean_runs_are_byte_identical(tmp_path):
     assert a.ema.read_bytes() == b.ema.read_bytes()
     assert [p.read_bytes() for p in sorted(a.progress.iterdir())] == [p.read_bytes() for p in sorted(b.progress.iterdir())]
     assert {k: v for k, v in ma.items() if k != "timing"} == {k: v for k, v in mb.items() if k != "timing"}
-    assert a.plot.read_text() == b.plot.read_text()
+    assert a.loss_plot.read_text() == b.loss_plot.read_text()
 
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
@@ -119,7 +120,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     undo()
     train(cfg, crashed)  # resumes at step 3
     _assert_identical(load_checkpoint(reference.ema), load_checkpoint(crashed.ema))
-    assert reference.plot.read_text() == crashed.plot.read_text()
+    assert reference.loss_plot.read_text() == crashed.loss_plot.read_text()
 
 
 def test_changed_training_param_starts_afresh(tmp_path):
@@ -209,7 +210,7 @@ def test_sigterm_checkpoints_and_marks_the_run_killed(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
-    assert json.loads(paths.run_info.read_text())["mlflow_run_id"] == run.info.run_id
+    assert json.loads(paths.train_run.read_text())["mlflow_run_id"] == run.info.run_id
 
 
 def test_class_count_mismatch_is_a_clear_error(tmp_path):
