@@ -22,10 +22,11 @@ Variance = Literal["fixed_small", "fixed_large"]
 SamplerName = Literal["ddpm", "ddim"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-# the params that determine the trained weights (the train stage's inputs besides the data)
-TRAINING_SECTIONS = ("seed", "schedule", "data", "model", "diffusion", "train")
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DatasetName = Literal["cifar10", "folder", "shapes"]
+
+# the params that determine the trained weights (the train stage's inputs besides the data)
+TRAINING_SECTIONS = ("seed", "schedule", "data", "model", "diffusion", "train")
 
 
 class Section(BaseModel):

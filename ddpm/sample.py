@@ -118,7 +118,8 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def sample_stage(cfg: Config, paths: Layout) -> dict:
-    """The sample stage: grid, denoising picture and evaluation set, logged into the training run."""
+    """The sample stage: grid, denoising picture and evaluation set, logged into the training's MLflow run (or a
+    child of it when these params are not the ones it logged); `samples/run.json` names that run for evaluate."""
     lm = load_model(paths.ema, cfg)
     sc, precision = cfg.sample, cfg.train.precision
     settings = SamplerSettings.from_config(sc)

@@ -306,7 +306,7 @@ class Tracker:
             overrides = _param_overrides(run.data.params, params)
             self._set_tags({**tags, **overrides})
         if cfg.tracking.system_metrics:
-            self._start_system_metrics(resume=run_id is not None)
+            self._start_system_metrics(resume=self.run_id == run_id)  # a re-opened run continues its steps
 
     def _find(self, run_id: str) -> Any:
         """The run `run_id`, or None (with a warning) when the store lacks it."""
@@ -552,8 +552,8 @@ def _train_run_id(run: Any) -> str:
 def _param_overrides(stored: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
     """Tags for config values that differ from the re-opened run's params (MLflow params are immutable).
 
-    E.g. `dvc exp run -S sample.steps=50` re-runs sample/evaluate into the training run that DVC
-    reused from cache; the stage's actual values must still be visible.
+    E.g. training resumed after a crash with other `sample` or `evaluate` params (the resume key only
+    hashes the training sections): the run continues, and the values now in force stay visible.
     """
     return {
         f"param_override.{k}": _param_text(v)
