@@ -298,7 +298,7 @@ class Tracker:
             self.run_id = run.info.run_id
             self._log_params(params)
             if parent:
-                self._copy_final_metrics(parent)
+                self._copy_final_metrics(source if source.info.run_id == parent else self._client.get_run(parent))
         else:
             self.run_id = run.info.run_id
             self.run_name = run.info.run_name or self.run_name
@@ -329,14 +329,12 @@ class Tracker:
         self._client.update_run(run.info.run_id, status="RUNNING")
         return run
 
-    def _copy_final_metrics(self, train_run_id: str) -> None:
-        """The training's own final metrics (`train_*`) from its run into this one.
+    def _copy_final_metrics(self, source: Any) -> None:
+        """The training's own final metrics (`train_*`) from its run `source` into this one.
 
         Not the evaluation's: the training run also holds the results of the sampling params it was
         created with, which are not this run's.
         """
-        assert self._client is not None
-        source = self._client.get_run(train_run_id)
         finals = {k: source.data.metrics[k] for k in _final_keys(source.data.tags)
                   if k.startswith(TRAIN_FINAL_PREFIX) and k in source.data.metrics}
         if finals:
