@@ -12,12 +12,12 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import get_args
 from pathlib import Path
+from typing import get_args
 
 from ddpm.config import CompileMode, Config, load_config
 from ddpm.errors import UserError
-from ddpm.layout import Layout
+from ddpm.pipeline.layout import Layout
 
 
 def repo_root() -> Path:
@@ -27,7 +27,7 @@ def repo_root() -> Path:
 
 def _guarded(fn: Callable[[], object], debug: bool) -> int:
     """Run `fn`, turning user errors and interruptions into exit codes."""
-    from ddpm.train import Interrupted  # heavy import, only when running
+    from ddpm.pipeline.train import Interrupted  # heavy import, only when running
 
     try:
         fn()
@@ -62,31 +62,31 @@ def _print_json(data: object) -> None:
 
 
 def _cmd_prepare(cfg: Config, args) -> None:
-    from ddpm.data import prepare
+    from ddpm.data.datasets import prepare
 
     _print_json(prepare(cfg, Layout.under(repo_root()).prepared))
 
 
 def _cmd_classifier(cfg: Config, args) -> None:
-    from ddpm.evaluate import classifier_stage
+    from ddpm.pipeline.evaluate import classifier_stage
 
     _print_json(classifier_stage(cfg, Layout.under(repo_root())))
 
 
 def _cmd_fid_stats(cfg: Config, args) -> None:
-    from ddpm.evaluate import fid_stats_stage
+    from ddpm.pipeline.evaluate import fid_stats_stage
 
     _print_json(fid_stats_stage(cfg, Layout.under(repo_root())))
 
 
 def _cmd_train(cfg: Config, args) -> None:
-    from ddpm.train import train
+    from ddpm.pipeline.train import train
 
     _print_json(train(cfg, Layout.under(repo_root())))
 
 
 def _cmd_sample(cfg: Config, args) -> None:
-    from ddpm.sample import sample_cli, sample_stage
+    from ddpm.pipeline.sample import sample_cli, sample_stage
 
     if args.out is None:
         _print_json(sample_stage(cfg, Layout.under(repo_root())))
@@ -95,21 +95,22 @@ def _cmd_sample(cfg: Config, args) -> None:
 
 
 def _cmd_evaluate(cfg: Config, args) -> None:
-    from ddpm.evaluate import evaluate_stage
+    from ddpm.pipeline.evaluate import evaluate_stage
 
     sweep = None if args.guidance_sweep is None else _floats(args.guidance_sweep)
     _print_json(evaluate_stage(cfg, Layout.under(repo_root()), sweep=sweep))
 
 
 def _cmd_compare(cfg: Config, args) -> None:
-    from ddpm.tracking import compare_runs, tracking_uri
+    from ddpm.tracking.compare import compare_runs
+    from ddpm.tracking.store import tracking_uri
 
     print(compare_runs(args.experiment or cfg.tracking.experiment, tracking_uri(repo_root()),
                        run_ids=args.runs or None))
 
 
 def _cmd_bench(cfg: Config, args) -> None:
-    from ddpm.bench import bench_cli
+    from ddpm.pipeline.bench import bench_cli
 
     bench_cli(cfg, args)
 

@@ -1,8 +1,8 @@
 """DVC stage `evaluate`: samples + classifier (+ FID statistics) -> metrics/eval.json, plots/guidance_sweep.tsv."""
 
 from ddpm.cli import run_stage
-from ddpm.evaluate import evaluate_stage
-from ddpm.layout import Layout
+from ddpm.pipeline.evaluate import evaluate_stage
+from ddpm.pipeline.layout import Layout
 
 if __name__ == "__main__":
     run_stage(lambda cfg, root: evaluate_stage(cfg, Layout.under(root)))

@@ -2,8 +2,8 @@
 samples/run.json."""
 
 from ddpm.cli import run_stage
-from ddpm.layout import Layout
-from ddpm.sample import sample_stage
+from ddpm.pipeline.layout import Layout
+from ddpm.pipeline.sample import sample_stage
 
 if __name__ == "__main__":
     run_stage(lambda cfg, root: sample_stage(cfg, Layout.under(root)))

@@ -2,8 +2,8 @@
 plots/train_loss.tsv, samples/progress/. Also the torchrun entry point for multi-GPU training."""
 
 from ddpm.cli import run_stage
-from ddpm.layout import Layout
-from ddpm.train import train
+from ddpm.pipeline.layout import Layout
+from ddpm.pipeline.train import train
 
 if __name__ == "__main__":
     run_stage(lambda cfg, root: train(cfg, Layout.under(root)))

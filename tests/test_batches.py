@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.batches import DeviceBatches, LoaderBatches, epoch_order, make_batches, to_model_input
+from ddpm.data.batches import DeviceBatches, LoaderBatches, epoch_order, make_batches, to_model_input
 from ddpm.config import Config
-from ddpm.data import PreparedData
+from ddpm.data.datasets import PreparedData
 from ddpm.errors import UserError
 
 

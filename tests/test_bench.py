@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from ddpm.bench import bench_config, diffusers_unet, format_table, run_bench
+from ddpm.pipeline.bench import bench_config, diffusers_unet, format_table, run_bench
 from ddpm.cli import main
 from ddpm.config import Config, ModelConfig
-from ddpm.unet import UNet, forward_flops
+from ddpm.core.unet import UNet, forward_flops
 
 pytest.importorskip("diffusers", reason="the bench extra (diffusers) is part of the test install")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.checkpoint import (
+from ddpm.core.checkpoint import (
     FORMAT_VERSION,
     config_from_checkpoint,
     load_checkpoint,
@@ -16,9 +16,9 @@ from ddpm.checkpoint import (
     save_checkpoint,
 )
 from ddpm.config import Config
-from ddpm.ema import EMA
+from ddpm.core.ema import EMA
 from ddpm.errors import UserError
-from ddpm.unet import build_unet
+from ddpm.core.unet import build_unet
 
 
 class Opaque:

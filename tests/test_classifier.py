@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.classifier import (
+from ddpm.evaluation.classifier import (
     Classifier,
     _augment,
     extract_features,

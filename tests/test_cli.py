@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import tiny_params
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.cli import main
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}

@@ -14,9 +14,9 @@ import torchvision
 from PIL import Image
 
 from ddpm.config import Config
-from ddpm.data import CIFAR10_URL, load_prepared, prepare, stratified_split
+from ddpm.data.datasets import CIFAR10_URL, load_prepared, prepare, stratified_split
 from ddpm.errors import UserError
-from ddpm.shapes import generate_shapes
+from ddpm.data.shapes import generate_shapes
 
 
 def _cfg(**sections) -> Config:

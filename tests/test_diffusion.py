@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ddpm.config import Config
-from ddpm.diffusion import GaussianDiffusion, extract
+from ddpm.core.diffusion import GaussianDiffusion, extract
 from ddpm.errors import UserError
-from ddpm.schedules import cosine_betas, linear_betas
+from ddpm.core.schedules import cosine_betas, linear_betas
 
 
 def _diffusion(prediction: str = "eps", variance: str = "fixed_large", clip: bool = False, T: int = 1000):

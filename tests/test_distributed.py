@@ -11,12 +11,12 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_params
-from ddpm.checkpoint import load_checkpoint
+from ddpm.core.checkpoint import load_checkpoint
 from ddpm.config import Config
-from ddpm.data import prepare
-from ddpm.resume import resume_root
-from ddpm.train import train
-from ddpm.layout import Layout
+from ddpm.data.datasets import prepare
+from ddpm.pipeline.resume import resume_root
+from ddpm.pipeline.train import train
+from ddpm.pipeline.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 

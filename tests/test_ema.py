@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.ema import EMA, ema_decay, unwrap
+from ddpm.core.ema import EMA, ema_decay, unwrap
 
 
 class Toy(nn.Module):

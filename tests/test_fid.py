@@ -10,9 +10,9 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from ddpm import fid
+from ddpm.evaluation import fid
 from ddpm.errors import UserError
-from ddpm.fid import (
+from ddpm.evaluation.fid import (
     InceptionFeatures,
     fid_from_features,
     hub_cache_paths,
@@ -22,7 +22,7 @@ from ddpm.fid import (
     resolve_inception_weights,
     save_stats,
 )
-from ddpm.layout import Layout
+from ddpm.pipeline.layout import Layout
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +206,12 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     """evaluate.fid: true end to end through the stages; the sweep reuses one Inception network."""
     import yaml
 
-    import ddpm.evaluate as evaluate_mod
+    import ddpm.pipeline.evaluate as evaluate_mod
     from conftest import tiny_params
     from ddpm.config import load_config
-    from ddpm.data import prepare
-    from ddpm.sample import sample_stage
-    from ddpm.train import train
+    from ddpm.data.datasets import prepare
+    from ddpm.pipeline.sample import sample_stage
+    from ddpm.pipeline.train import train
 
     params = tiny_params(train={"steps": 2, "sample_every": 0},
                          evaluate={"fid": True, "inception_weights": str(random_weights), "download_inception": False,

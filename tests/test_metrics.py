@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.errors import UserError
-from ddpm.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
+from ddpm.evaluation.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:

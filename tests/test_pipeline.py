@@ -15,11 +15,11 @@ import yaml
 
 from conftest import tiny_params
 from ddpm.config import Config, flatten, load_config
-from ddpm.data import prepare
-from ddpm.evaluate import classifier_stage, evaluate_stage, fid_stats_stage
-from ddpm.sample import sample_stage
-from ddpm.train import train
-from ddpm.layout import Layout
+from ddpm.data.datasets import prepare
+from ddpm.pipeline.evaluate import classifier_stage, evaluate_stage, fid_stats_stage
+from ddpm.pipeline.sample import sample_stage
+from ddpm.pipeline.train import train
+from ddpm.pipeline.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate"]

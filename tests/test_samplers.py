@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion, extract
+from ddpm.core.diffusion import GaussianDiffusion, extract
 from ddpm.errors import UserError
-from ddpm.samplers import ddim_sample, ddpm_sample, guided, respaced_timesteps, sample
-from ddpm.schedules import cosine_betas, linear_betas
+from ddpm.core.samplers import ddim_sample, ddpm_sample, guided, respaced_timesteps, sample
+from ddpm.core.schedules import cosine_betas, linear_betas
 
 MU = torch.tensor(
     [

@@ -9,7 +9,7 @@ import torch
 
 from ddpm.config import DiffusionConfig
 from ddpm.errors import UserError
-from ddpm.schedules import cosine_betas, linear_betas, make_betas
+from ddpm.core.schedules import cosine_betas, linear_betas, make_betas
 
 
 def _both(T: int = 1000) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted((ROOT / "ddpm").glob("*.py")) + sorted((ROOT / "stages").glob("*.py"))
+SOURCES = sorted((ROOT / "ddpm").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py"))
 
 
 def test_no_eval_or_exec_of_strings():

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from ddpm.shapes import CLASS_NAMES, _render, generate_shapes
+from ddpm.data.shapes import CLASS_NAMES, _render, generate_shapes
 
 
 def test_layout_dtypes_and_interleaved_balanced_labels():

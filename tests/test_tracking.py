@@ -20,7 +20,11 @@ import pytest
 
 from ddpm.config import Config, flatten
 from ddpm.errors import UserError
-from ddpm.tracking import Tracker, compare_runs, git_tags, tracking_uri, write_metrics, write_tsv
+from ddpm.tracking.compare import compare_runs
+from ddpm.tracking.files import write_metrics, write_tsv
+from ddpm.tracking.lineage import git_tags
+from ddpm.tracking.store import tracking_uri
+from ddpm.tracking.tracker import Tracker
 
 _ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING")
 
@@ -382,7 +386,7 @@ def test_write_tsv_header_rows_and_empty_cells(tmp_path):
 def test_resource_monitor_cpu(tmp_path):
     import psutil
 
-    from ddpm.resources import ResourceMonitor
+    from ddpm.tracking.resources import ResourceMonitor
 
     monitor = ResourceMonitor("cpu")
     end = time.process_time() + 0.3
@@ -426,7 +430,7 @@ def _fake_nvml(util: int | None) -> types.ModuleType:
 
 @pytest.mark.parametrize(("nvml", "util"), [(None, None), (_fake_nvml(37), 37.0), (_fake_nvml(None), None)])
 def test_resource_monitor_cuda_readings_absent_not_zero(monkeypatch, nvml, util):
-    from ddpm.resources import ResourceMonitor
+    from ddpm.tracking.resources import ResourceMonitor
 
     _fake_cuda(monkeypatch, nvml)
     sample = ResourceMonitor("cuda:0").sample()

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddpm.train as train_mod
+import ddpm.pipeline.train as train_mod
 from conftest import tiny_params
-from ddpm.checkpoint import load_checkpoint
+from ddpm.core.checkpoint import load_checkpoint
 from ddpm.config import Config
-from ddpm.data import prepare
+from ddpm.data.datasets import prepare
 from ddpm.errors import UserError
-from ddpm.resume import ResumeStore, resume_key, resume_root
-from ddpm.train import Interrupted, train
-from ddpm.layout import Layout
+from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
+from ddpm.pipeline.train import Interrupted, train
+from ddpm.pipeline.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 

@@ -9,7 +9,7 @@ import torch
 
 from ddpm.config import Config, ModelConfig
 from ddpm.errors import UserError
-from ddpm.unet import AttentionBlock, UNet, build_unet, forward_flops, timestep_embedding
+from ddpm.core.unet import AttentionBlock, UNet, build_unet, forward_flops, timestep_embedding
 
 SMALL = ModelConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
                     num_groups=4, num_heads=2, dropout=0.0, num_classes=3)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ddpm.atomic import atomic_path
+from ddpm.core.atomic import atomic_path
 from ddpm.config import Config
 from ddpm.errors import UserError
-from ddpm.unet import build_unet
+from ddpm.core.unet import build_unet
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "step", "ema")
@@ -152,7 +152,7 @@ def load_ema_model(
     path: str | Path, device: str | torch.device = "cpu", ckpt: dict[str, Any] | None = None
 ) -> tuple[Config, torch.nn.Module, Any]:
     """`(cfg, EMA U-Net, GaussianDiffusion)` ready for sampling on `device`, all rebuilt from the checkpoint."""
-    from ddpm.diffusion import GaussianDiffusion  # local: the diffusion module is only needed for sampling
+    from ddpm.core.diffusion import GaussianDiffusion  # local: the diffusion module is only needed for sampling
 
     cfg, model = load_ema_unet(path, device, ckpt=ckpt)
     return cfg, model, GaussianDiffusion.from_config(cfg).to(device)

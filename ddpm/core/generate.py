@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ddpm.config import SampleConfig, SamplerName
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.images import to_uint8
-from ddpm.runtime import autocast
-from ddpm.samplers import guided, sample
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.images import to_uint8
+from ddpm.core.runtime import autocast
+from ddpm.core.samplers import guided, sample
 
 
 @dataclass(frozen=True)

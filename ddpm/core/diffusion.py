@@ -21,7 +21,7 @@ from torch import nn
 
 from ddpm.config import Config, Prediction, Variance
 from ddpm.errors import UserError
-from ddpm.schedules import make_betas
+from ddpm.core.schedules import make_betas
 
 # model(x_t, t, y) -> network output in the diffusion's prediction space
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -19,19 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddpm.batches import make_batches
-from ddpm.checkpoint import save_checkpoint
 from ddpm.config import Config
-from ddpm.data import load_prepared
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.ema import EMA
-from ddpm.errors import UserError
-from ddpm.generate import SamplerSettings, balanced_labels, generate
-from ddpm.images import grid_hwc, save_png
-from ddpm.layout import Layout
-from ddpm.resources import ResourceMonitor
-from ddpm.resume import ResumeStore, resume_key, resume_root
-from ddpm.runtime import (
+from ddpm.core.checkpoint import save_checkpoint
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.ema import EMA
+from ddpm.core.generate import SamplerSettings, balanced_labels, generate
+from ddpm.core.images import grid_hwc, save_png
+from ddpm.core.runtime import (
     Ranks,
     check_precision,
     close_distributed,
@@ -41,10 +35,17 @@ from ddpm.runtime import (
     ranks_from_env,
     resolve_device,
 )
-from ddpm.seeding import rng_state, seed_everything, set_rng_state
-from ddpm.tracking import TRAIN_FINAL_PREFIX, Tracker, write_metrics, write_run_id, write_tsv
-from ddpm.train_step import StepContext, StepStats, train_step
-from ddpm.unet import build_unet
+from ddpm.core.seeding import rng_state, seed_everything, set_rng_state
+from ddpm.core.train_step import StepContext, StepStats, train_step
+from ddpm.core.unet import build_unet
+from ddpm.data.batches import make_batches
+from ddpm.data.datasets import load_prepared
+from ddpm.errors import UserError
+from ddpm.pipeline.layout import Layout
+from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
+from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
+from ddpm.tracking.resources import ResourceMonitor
+from ddpm.tracking.tracker import TRAIN_FINAL_PREFIX, Tracker
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
 

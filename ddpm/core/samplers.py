@@ -18,7 +18,7 @@ from collections.abc import Collection
 import torch
 
 from ddpm.config import SamplerName
-from ddpm.diffusion import GaussianDiffusion, ModelFn, extract
+from ddpm.core.diffusion import GaussianDiffusion, ModelFn, extract
 from ddpm.errors import UserError
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddpm.atomic import atomic_open, atomic_path
+from ddpm.core.atomic import atomic_open, atomic_path
 from ddpm.errors import UserError
-from ddpm.metrics import ArrayLike, feature_statistics, frechet_distance
+from ddpm.evaluation.metrics import ArrayLike, feature_statistics, frechet_distance
 
 # torch-fidelity's download; pytorch-fid publishes the same converted weights (same SHA-256 prefix)
 # under its own name, and either file in the torch hub cache is used.

@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.atomic import atomic_path
-from ddpm.checkpoint import load_checkpoint, load_ema_model
 from ddpm.config import Config
+from ddpm.core.atomic import atomic_path
+from ddpm.core.checkpoint import load_checkpoint, load_ema_model
+from ddpm.core.generate import SamplerSettings, balanced_labels, generate
+from ddpm.core.images import grid_hwc, save_png
+from ddpm.core.runtime import check_precision, configure_backends, resolve_device
+from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
-from ddpm.generate import SamplerSettings, balanced_labels, generate
-from ddpm.images import grid_hwc, save_png
-from ddpm.layout import Layout
-from ddpm.runtime import check_precision, configure_backends, resolve_device
-from ddpm.samplers import respaced_timesteps
-from ddpm.tracking import Tracker, read_run_id, write_run_id
+from ddpm.pipeline.layout import Layout
+from ddpm.tracking.files import read_run_id, write_run_id
+from ddpm.tracking.tracker import Tracker
 
 
 @dataclass

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.atomic import atomic_path
+from ddpm.core.atomic import atomic_path
 from ddpm.config import ClassifierConfig
 from ddpm.errors import UserError
-from ddpm.metrics import class_accuracy
+from ddpm.evaluation.metrics import class_accuracy
 
 FORMAT = "ddpm-classifier-v1"
 ImagesU8 = np.ndarray | torch.Tensor

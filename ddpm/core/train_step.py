@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.runtime import Ranks, autocast
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.runtime import Ranks, autocast
 
 
 class StepStats:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from ddpm.atomic import atomic_path
+from ddpm.core.atomic import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

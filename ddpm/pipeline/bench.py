@@ -18,11 +18,17 @@ import torch
 from torch import nn
 
 from ddpm.config import CompileMode, Config, ModelConfig
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.runtime import (
+    Ranks,
+    autocast,
+    configure_backends,
+    device_description,
+    resolve_device,
+)
+from ddpm.core.train_step import StepContext, StepStats, train_step
+from ddpm.core.unet import UNet, forward_flops
 from ddpm.errors import UserError
-from ddpm.runtime import Ranks, autocast, configure_backends, device_description, resolve_device
-from ddpm.train_step import StepContext, StepStats, train_step
-from ddpm.unet import UNet, forward_flops
 
 # dense peak FLOP/s per precision (fp32 runs use TF32 tensor cores), from the vendors' data sheets
 PEAK_FLOPS = {

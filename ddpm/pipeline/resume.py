@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.config import Config
+from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.errors import UserError
+
 
 def resume_key(cfg: Config, data_hash: str) -> str:
     """A short hash of everything that determines the trained weights."""

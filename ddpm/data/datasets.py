@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm.atomic import atomic_open, write_text
+from ddpm.core.atomic import atomic_open, write_text
 from ddpm.config import Config
 from ddpm.errors import UserError
-from ddpm.shapes import generate_shapes
+from ddpm.data.shapes import generate_shapes
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"

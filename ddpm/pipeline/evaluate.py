@@ -13,17 +13,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.classifier import extract_features, load_classifier, predict, save_classifier, train_classifier
 from ddpm.config import Config
-from ddpm.data import load_prepared
+from ddpm.core.generate import SamplerSettings
+from ddpm.core.runtime import resolve_device
+from ddpm.data.datasets import load_prepared
 from ddpm.errors import UserError
-from ddpm.fid import InceptionFeatures, fid_from_features, inception_outputs, inception_score, load_stats, save_stats
-from ddpm.generate import SamplerSettings
-from ddpm.layout import Layout
-from ddpm.metrics import class_accuracy, feature_statistics, frechet_distance, precision_recall
-from ddpm.runtime import resolve_device
-from ddpm.sample import evaluation_set, load_model, load_samples
-from ddpm.tracking import Tracker, read_run_id, write_metrics, write_tsv
+from ddpm.evaluation.classifier import (
+    extract_features,
+    load_classifier,
+    predict,
+    save_classifier,
+    train_classifier,
+)
+from ddpm.evaluation.fid import (
+    InceptionFeatures,
+    fid_from_features,
+    inception_outputs,
+    inception_score,
+    load_stats,
+    save_stats,
+)
+from ddpm.evaluation.metrics import (
+    class_accuracy,
+    feature_statistics,
+    frechet_distance,
+    precision_recall,
+)
+from ddpm.pipeline.layout import Layout
+from ddpm.pipeline.sample import evaluation_set, load_model, load_samples
+from ddpm.tracking.files import read_run_id, write_metrics, write_tsv
+from ddpm.tracking.tracker import Tracker
 
 SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
 

@@ -1,0 +1,82 @@
+"""`python -m ddpm compare`: MLflow runs side by side (the params that differ, final metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ddpm.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+from ddpm.tracking.lineage import final_keys
+from ddpm.tracking.store import sqlite_path
+
+# --------------------------------------------------------------------------------------------
+# Comparing runs
+# --------------------------------------------------------------------------------------------
+
+
+def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str] | None = None) -> str:
+    """A plain-text table of runs side by side: names, the params that differ, and final metrics."""
+    from mlflow import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():  # MlflowClient would silently create an empty store
+        raise UserError(f"no MLflow store at {db}; run the pipeline first or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        raise UserError(
+            f"no MLflow experiment {experiment_name!r} in {tracking_uri}; "
+            "check tracking.experiment or MLFLOW_TRACKING_URI"
+        )
+    if run_ids:
+        runs = [_get_run(client, rid) for rid in run_ids]
+    else:
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    if not runs:
+        raise UserError(f"MLflow experiment {experiment_name!r} has no runs yet; run the pipeline first")
+    return _format_table(_comparison_rows(runs), [r.info.run_name or r.info.run_id[:8] for r in runs])
+
+
+def _get_run(client: MlflowClient, run_id: str) -> Any:
+    """A run by id, or a UserError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"MLflow run {run_id} not found; list the runs with `python -m ddpm compare`") from None
+
+
+def _comparison_rows(runs: Sequence[Any]) -> list[tuple[str, list[str]]]:
+    """(label, one cell per run) for the run id, status, differing params and final metrics."""
+    rows = [("run_id", [r.info.run_id[:8] for r in runs]), ("status", [r.info.status for r in runs])]
+    keys = sorted({k for r in runs for k in r.data.params})
+    for key in keys:
+        cells = [r.data.params.get(key, "-") for r in runs]
+        if len(set(cells)) > 1:
+            rows.append((key, cells))
+    final = sorted({k for r in runs for k in final_keys(r.data.tags)})
+    if not final:  # runs that never reached log_final: show their latest non-system metrics
+        final = sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
+    for key in final:
+        rows.append((key, [_fmt(r.data.metrics.get(key)) for r in runs]))
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    """A metric cell: 4 significant digits, '-' when the run lacks it."""
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _format_table(rows: list[tuple[str, list[str]]], names: list[str]) -> str:
+    """Left column = row label, one column per run, aligned with spaces."""
+    table = [["run", *names], *[[label, *cells] for label, cells in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Where the MLflow store lives (a sqlite file and an artifact folder under the repository) and safe access
+to it: one process at a time creates the store, and writes the sqlite store rejects are retried."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ddpm.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+log = logging.getLogger(__name__)
+
+_RETRIES = 5  # attempts for a write the sqlite store rejected (e.g. "database is locked")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+# --------------------------------------------------------------------------------------------
+# Where the store lives
+# --------------------------------------------------------------------------------------------
+
+
+def store_root(repo_root: Path) -> Path:
+    """The directory that holds mlflow.db, mlartifacts/ and logs/: `DVC_ROOT` when set, else `repo_root`.
+
+    `dvc exp run --temp/--queue` runs each experiment in a temporary copy that is deleted
+    afterwards; DVC points `DVC_ROOT` at the real repository, so the store must follow it.
+    """
+    return Path(os.environ.get("DVC_ROOT") or repo_root).resolve()
+
+
+def tracking_uri(repo_root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else an absolute sqlite store `<root>/mlflow.db` (never ./mlruns)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{store_root(repo_root) / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for servers and other backends)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path).resolve()
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store live next to the db file (mlartifacts/<experiment>); servers choose their own."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.parent / "mlartifacts" / safe_name(experiment)).as_uri()
+
+
+def safe_name(name: str) -> str:
+    """A file-system friendly version of a run or experiment name."""
+    return _SAFE_NAME.sub("_", name).strip("._") or "run"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a sqlite store across processes.
+
+    Two processes opening a fresh mlflow.db at once (`dvc queue start -j 2`) both run the schema
+    migration and one dies with "table ... already exists"; two creating the same experiment
+    collide on its unique name. An exclusive flock around that step removes both races.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl  # POSIX only; imported here so the module still imports elsewhere
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f"{db.name}-init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """A client for `uri` and the id of `experiment`, created (artifacts in mlartifacts/) if new.
+
+    MlflowClient() itself creates and migrates a fresh sqlite store, so it is built under the lock.
+    """
+    from mlflow import MlflowClient
+
+    with store_lock(uri):
+        try:
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = artifact_location(uri, experiment)
+                return client, client.create_experiment(experiment, artifact_location=location)
+        except Exception as err:  # noqa: BLE001 - any store failure is reported the same way
+            raise UserError(
+                f"cannot open the MLflow store {uri}: {err}; fix or move the store "
+                "(or set MLFLOW_TRACKING_URI), or set tracking.mlflow: false"
+            ) from err
+    if exp.lifecycle_stage == "deleted":
+        raise UserError(
+            f"MLflow experiment {experiment!r} is deleted in {uri}; restore it (`mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}`) or set another tracking.experiment"
+        )
+    return client, exp.experiment_id
+
+
+def retrying(action: str, fn: Any, *args: Any, **kwargs: Any) -> bool:
+    """Call `fn`, retrying with backoff; a write that still fails is logged, never raised.
+
+    Tracking must not kill a training run: SQLite rejects a write while another process holds
+    the lock for longer than its busy timeout, and a retry a moment later succeeds.
+    """
+    for attempt in range(_RETRIES):
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as err:  # noqa: BLE001 - see docstring
+            if attempt == _RETRIES - 1:
+                log.warning("MLflow %s failed after %d attempts: %s", action, _RETRIES, err)
+                return False
+            time.sleep(0.2 * 2**attempt)
+    return False

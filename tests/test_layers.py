@@ -1,0 +1,75 @@
+"""The folder tree is the architecture: imports point one way, from the pipeline down to the core.
+
+    cli / stages  ->  pipeline  ->  tracking, data, evaluation  ->  core  ->  config, errors
+
+Any import (top-level or inside a function) of a higher layer from a lower one fails this test.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
+
+# For each subpackage, the ddpm modules it must never import.
+FORBIDDEN = {
+    "core": ("ddpm.data", "ddpm.evaluation", "ddpm.tracking", "ddpm.pipeline", "ddpm.cli"),
+    "data": ("ddpm.evaluation", "ddpm.tracking", "ddpm.pipeline", "ddpm.cli"),
+    "evaluation": ("ddpm.tracking", "ddpm.pipeline", "ddpm.cli"),
+    "tracking": ("ddpm.pipeline", "ddpm.cli"),
+    "pipeline": ("ddpm.cli",),
+}
+BOTTOM = ("config.py", "errors.py")  # imported by every layer; import no other ddpm module
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module name `path` imports, absolute or relative, at any depth of the file."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                parts = path.relative_to(PACKAGE.parent).with_suffix("").parts[: -node.level]
+                names.append(".".join(parts + ((node.module,) if node.module else ())))
+            else:
+                names.append(node.module or "")
+    return names
+
+
+def _violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{f.relative_to(PACKAGE.parent) if f.is_relative_to(PACKAGE.parent) else f.name} imports {name}"
+        for f in files
+        for name in _imports(f)
+        if any(name == bad or name.startswith(bad + ".") for bad in forbidden)
+    ]
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_point_down(layer):
+    files = sorted((PACKAGE / layer).rglob("*.py"))
+    assert files, f"ddpm/{layer}/ is missing"
+    assert _violations(files, FORBIDDEN[layer]) == []
+
+
+def test_config_and_errors_import_no_other_ddpm_module():
+    files = [PACKAGE / name for name in BOTTOM]
+    assert _violations(files, ("ddpm.core", "ddpm.data", "ddpm.evaluation", "ddpm.tracking", "ddpm.pipeline",
+                               "ddpm.cli")) == []
+
+
+def test_every_module_belongs_to_a_layer():
+    """A new flat module would sit outside the layering; it must go into a subpackage."""
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "cli.py", "config.py", "errors.py"]
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The test above can fail: a core module importing the pipeline (even inside a function) is caught."""
+    bad = tmp_path / "probe.py"
+    bad.write_text("import torch\n\ndef f():\n    from ddpm.pipeline.train import train\n    return train\n")
+    assert _violations([bad], FORBIDDEN["core"]) == ["probe.py imports ddpm.pipeline.train"]
