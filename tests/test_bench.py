@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_params
-from ddpm.pipeline.bench import bench_config, diffusers_unet, format_table, run_bench
+
 from ddpm.cli import main
 from ddpm.config import Config, ModelConfig
 from ddpm.core.unet import UNet, forward_flops
+from ddpm.pipeline.bench import bench_config, diffusers_unet, format_table, run_bench
 
 pytest.importorskip("diffusers", reason="the bench extra (diffusers) is part of the test install")
 

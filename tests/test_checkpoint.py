@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpm.config import Config
 from ddpm.core.checkpoint import (
     FORMAT_VERSION,
     config_from_checkpoint,
@@ -15,10 +16,9 @@ from ddpm.core.checkpoint import (
     load_ema_unet,
     save_checkpoint,
 )
-from ddpm.config import Config
 from ddpm.core.ema import EMA
-from ddpm.errors import UserError
 from ddpm.core.unet import build_unet
+from ddpm.errors import UserError
 
 
 class Opaque:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_params
-from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
+
 from ddpm.cli import main
+from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 

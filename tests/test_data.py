@@ -15,8 +15,8 @@ from PIL import Image
 
 from ddpm.config import Config
 from ddpm.data.datasets import CIFAR10_URL, load_prepared, prepare, stratified_split
-from ddpm.errors import UserError
 from ddpm.data.shapes import generate_shapes
+from ddpm.errors import UserError
 
 
 def _cfg(**sections) -> Config:

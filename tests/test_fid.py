@@ -10,8 +10,8 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from ddpm.evaluation import fid
 from ddpm.errors import UserError
+from ddpm.evaluation import fid
 from ddpm.evaluation.fid import (
     InceptionFeatures,
     fid_from_features,
@@ -205,9 +205,9 @@ def test_disabled_stats_marker(tmp_path):
 def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, monkeypatch):
     """evaluate.fid: true end to end through the stages; the sweep reuses one Inception network."""
     import yaml
+    from conftest import tiny_params
 
     import ddpm.pipeline.evaluate as evaluate_mod
-    from conftest import tiny_params
     from ddpm.config import load_config
     from ddpm.data.datasets import prepare
     from ddpm.pipeline.sample import sample_stage

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_params
 
 import ddpm.pipeline.train as train_mod
-from conftest import tiny_params
-from ddpm.core.checkpoint import load_checkpoint
 from ddpm.config import Config
+from ddpm.core.checkpoint import load_checkpoint
 from ddpm.data.datasets import prepare
 from ddpm.errors import UserError
+from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.pipeline.train import Interrupted, train
-from ddpm.pipeline.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 
@@ -102,7 +102,8 @@ def test_two_clean_runs_are_byte_identical(tmp_path):
     b = _prepared(tmp_path / "b", other)
     ma, mb = train(cfg, a), train(other, b)
     assert a.ema.read_bytes() == b.ema.read_bytes()
-    assert [p.read_bytes() for p in sorted(a.progress.iterdir())] == [p.read_bytes() for p in sorted(b.progress.iterdir())]
+    grids = [[p.read_bytes() for p in sorted(run.progress.iterdir())] for run in (a, b)]
+    assert grids[0] == grids[1]
     assert {k: v for k, v in ma.items() if k != "timing"} == {k: v for k, v in mb.items() if k != "timing"}
     assert a.loss_plot.read_text() == b.loss_plot.read_text()
 
