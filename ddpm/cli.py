@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
-from ddpm.config import CompileMode, Config, load_config
+from ddpm.config import CompileMode, Config, EvaluateConfig, load_config
 from ddpm.errors import UserError
 from ddpm.pipeline.layout import Layout
 
@@ -129,7 +129,7 @@ def _cmd_sample(cfg: Config, args) -> None:
 def _cmd_evaluate(cfg: Config, args) -> None:
     from ddpm.pipeline.evaluate import evaluate_stage
 
-    sweep = None if args.guidance_sweep is None else _floats(args.guidance_sweep)
+    sweep = None if args.guidance_sweep is None else _guidance_sweep(cfg, args.guidance_sweep)
     _print_json(evaluate_stage(cfg, Layout.under(repo_root()), sweep=sweep))
 
 
@@ -158,13 +158,13 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _floats(text: str) -> list[float]:
+def _guidance_sweep(cfg: Config, text: str) -> list[float]:
+    """--guidance-sweep '0,1,2', checked by the rules of evaluate.guidance_sweep; errors name the flag."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--guidance-sweep takes numbers separated by commas, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise UserError(f"guidance scales must be >= 0, got {text!r}")
+        EvaluateConfig.model_validate({**cfg.evaluate.model_dump(), "guidance_sweep": values})
+    except ValueError:  # a float() failure or pydantic's ValidationError (a ValueError)
+        raise UserError(f"--guidance-sweep takes guidance scales >= 0 separated by commas, got {text!r}") from None
     return values
 
 

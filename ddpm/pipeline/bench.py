@@ -23,11 +23,11 @@ from ddpm.core.runtime import (
     autocast,
     configure_backends,
     device_description,
-    resolve_device,
 )
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import UNet, forward_flops
 from ddpm.errors import UserError
+from ddpm.pipeline.devices import resolve_device
 
 # dense peak FLOP/s per precision (fp32 runs use TF32 tensor cores), from the vendors' data sheets
 PEAK_FLOPS = {
@@ -278,7 +278,7 @@ def format_table(result: dict) -> str:
 
 def bench_cli(cfg: Config, args) -> None:
     """`python -m ddpm bench`: the table, then one JSON line."""
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, param="--device")
     bcfg = bench_config(cfg, args.reference)
     both = {"on": [True], "off": [False], "both": [False, True]}
     result = run_bench(bcfg, batches=args.batch_size, steps=args.steps, warmup=args.warmup,

@@ -19,9 +19,10 @@ from ddpm.core.atomic import atomic_path
 from ddpm.core.checkpoint import load_checkpoint, load_ema_model
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.images import grid_hwc, save_png
-from ddpm.core.runtime import check_precision, configure_backends, resolve_device
+from ddpm.core.runtime import configure_backends
 from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
+from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.tracking.files import read_run_id, write_run_id
 from ddpm.tracking.tracker import Tracker

@@ -27,13 +27,11 @@ from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.images import grid_hwc, save_png
 from ddpm.core.runtime import (
     Ranks,
-    check_precision,
     close_distributed,
     configure_backends,
     device_description,
     init_distributed,
     ranks_from_env,
-    resolve_device,
 )
 from ddpm.core.seeding import rng_state, seed_everything, set_rng_state
 from ddpm.core.train_step import StepContext, StepStats, train_step
@@ -41,6 +39,7 @@ from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
 from ddpm.data.datasets import check_class_count, load_prepared
 from ddpm.errors import UserError
+from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
