@@ -37,9 +37,11 @@ quickstart: venv
 	@echo "Samples: samples/grid.png, samples/denoise.png. Compare runs: make mlflow-ui; dvc exp show"
 
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 test-fast: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow"
 
 # The CPU check (about 3 minutes on 2 cores): the reference network in fp32 against diffusers, both layouts.

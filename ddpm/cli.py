@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
-from ddpm.config import CompileMode, Config, load_config
+from ddpm.config import CompileMode, Config, EvaluateConfig, load_config
 from ddpm.errors import UserError
 from ddpm.pipeline.layout import Layout
 
@@ -23,6 +24,36 @@ from ddpm.pipeline.layout import Layout
 def repo_root() -> Path:
     """The directory holding params.yaml: DVC runs stages there (DVC_ROOT when set), as does the CLI."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (as `print(..., file=sys.stderr)` did)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _Format(logging.Formatter):
+    """`warning: ...` for warnings and errors, the bare message for information."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def configure_logging() -> None:
+    """The package's log records (warnings, resume notices) go to stderr; set once per process."""
+    logger = logging.getLogger("ddpm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_Format("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _guarded(fn: Callable[[], object], debug: bool) -> int:
@@ -49,6 +80,7 @@ def run_stage(work: Callable[[Config, Path], object], argv: list[str] | None = N
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
     root = repo_root()
+    configure_logging()
 
     def go():
         cfg = load_config(root / args.params if not Path(args.params).is_absolute() else args.params)
@@ -97,7 +129,7 @@ def _cmd_sample(cfg: Config, args) -> None:
 def _cmd_evaluate(cfg: Config, args) -> None:
     from ddpm.pipeline.evaluate import evaluate_stage
 
-    sweep = None if args.guidance_sweep is None else _floats(args.guidance_sweep)
+    sweep = None if args.guidance_sweep is None else _guidance_sweep(cfg, args.guidance_sweep)
     _print_json(evaluate_stage(cfg, Layout.under(repo_root()), sweep=sweep))
 
 
@@ -126,13 +158,13 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _floats(text: str) -> list[float]:
+def _guidance_sweep(cfg: Config, text: str) -> list[float]:
+    """--guidance-sweep '0,1,2', checked by the rules of evaluate.guidance_sweep; errors name the flag."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--guidance-sweep takes numbers separated by commas, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise UserError(f"guidance scales must be >= 0, got {text!r}")
+        EvaluateConfig.model_validate({**cfg.evaluate.model_dump(), "guidance_sweep": values})
+    except ValueError:  # a float() failure or pydantic's ValidationError (a ValueError)
+        raise UserError(f"--guidance-sweep takes guidance scales >= 0 separated by commas, got {text!r}") from None
     return values
 
 
@@ -183,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, validate the params file, run one command."""
     args = _parser().parse_args(argv)
     root = repo_root()
+    configure_logging()
 
     def go():
         params = Path(args.params)

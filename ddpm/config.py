@@ -2,14 +2,15 @@
 
 `params.yaml` is validated into `Config`. Every section forbids unknown keys (a typo is an error),
 every choice is a `Literal`, every number has a range, and the checks that span sections (image
-size vs. U-Net depth, attention resolutions that exist) live on `Config` itself. The validated
-config is stored as plain data inside each checkpoint (`Config.to_dict`) and rebuilt from it.
+size vs. U-Net depth, attention resolutions that exist) live on `TrainingConfig`. The training
+sections are stored as plain data inside each checkpoint (`Config.training_dict`) and rebuilt from
+it as a `TrainingConfig`. The defaults here are params.yaml's values (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,8 +26,6 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DatasetName = Literal["cifar10", "folder", "shapes"]
 
-# the params that determine the trained weights (the train stage's inputs besides the data)
-TRAINING_SECTIONS = ("seed", "schedule", "data", "model", "diffusion", "train")
 
 
 class Section(BaseModel):
@@ -117,13 +116,13 @@ class TrainConfig(Section):
     ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free guidance: label dropout probability
     precision: Precision = "bf16"  # autocast dtype (fp16 uses a GradScaler and needs CUDA)
-    compile: bool = False
+    compile: bool = True
     compile_mode: CompileMode = "default"
     channels_last: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: slower)
     data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader
-    num_workers: int = Field(2, ge=0)  # DataLoader workers when data_on_device is false
-    sample_every: int = Field(10_000, ge=0)  # progress grids; 0 disables
+    num_workers: int = Field(4, ge=0)  # DataLoader workers when data_on_device is false
+    sample_every: int = Field(20_000, ge=0)  # progress grids; 0 disables
     # the progress grids' own sampler settings: training must not depend on the sample stage's params
     # (changing sample.guidance_scale re-runs sampling, never the training)
     progress_sampler: SamplerName = "ddim"
@@ -142,7 +141,7 @@ class SampleConfig(Section):
     eta: float = Field(0.0, ge=0.0)
     guidance_scale: float = Field(1.0, ge=0.0)  # w in eps = (1+w) eps(x,t,y) - w eps(x,t,null)
     num_samples: int = Field(10_000, ge=1)  # the evaluation set
-    batch_size: int = Field(500, ge=1)  # bounds memory independently of num_samples
+    batch_size: int = Field(1000, ge=1)  # bounds memory independently of num_samples
     grid_per_class: int = Field(10, ge=1)  # columns of samples/grid.png
     denoise_frames: int = Field(8, ge=2)  # columns of samples/denoise.png
     compile: bool = False  # torch.compile the EMA network for sampling (pays off for large sample sets)
@@ -187,8 +186,33 @@ class TrackingConfig(Section):
     system_metrics: bool = True
 
 
-class Config(Section):
-    """The whole of params.yaml. `seed` and `schedule` are top-level for `dvc exp run -S schedule=cosine`."""
+def network_resolutions(model: ModelConfig, image_size: int) -> list[int]:
+    """The feature-map size of each U-Net level; ValueError when the network cannot fit `image_size` images.
+
+    The one place this rule lives: `TrainingConfig` applies it when params load, the U-Net when it is built.
+    """
+    levels = len(model.channel_mult)
+    factor = 2 ** (levels - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"data.image_size={image_size} is not divisible by 2^(levels-1)={factor} for "
+            f"model.channel_mult={list(model.channel_mult)}; use a multiple of {factor} or fewer levels"
+        )
+    resolutions = [image_size // 2**i for i in range(levels)]
+    missing = [r for r in model.attention_resolutions if r not in resolutions]
+    if missing:
+        raise ValueError(
+            f"model.attention_resolutions {missing} do not occur in the network; its resolutions are {resolutions}"
+        )
+    return resolutions
+
+
+class TrainingConfig(Section):
+    """The sections that determine the trained weights: what a checkpoint stores and the resume key hashes.
+
+    The sample, evaluate and tracking params can change without touching the training or its outputs,
+    so a checkpoint carries exactly this (never sections filled with defaults nobody chose).
+    """
 
     seed: int = Field(0, ge=0)
     schedule: Schedule = "linear"
@@ -196,31 +220,14 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
-    sample: SampleConfig = SampleConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _network_fits_images(self) -> Config:
-        levels = len(self.model.channel_mult)
-        factor = 2 ** (levels - 1)
-        size = self.data.image_size
-        if size % factor:
-            raise ValueError(
-                f"data.image_size={size} is not divisible by 2^(levels-1)={factor} for "
-                f"model.channel_mult={list(self.model.channel_mult)}; use a multiple of {factor} or fewer levels"
-            )
-        resolutions = [size // 2**i for i in range(levels)]
-        missing = [r for r in self.model.attention_resolutions if r not in resolutions]
-        if missing:
-            raise ValueError(
-                f"model.attention_resolutions {missing} do not occur in the network; "
-                f"its resolutions are {resolutions}"
-            )
+    def _network_fits_images(self) -> TrainingConfig:
+        network_resolutions(self.model, self.data.image_size)
         return self
 
     @model_validator(mode="after")
-    def _progress_steps_fit_the_schedule(self) -> Config:
+    def _progress_steps_fit_the_schedule(self) -> TrainingConfig:
         """Checked when the params load, not at the first progress grid hours into training.
 
         (sample.steps is checked by the sampler: a checkpoint's stored training config carries no sample
@@ -235,22 +242,33 @@ class Config(Section):
         """Plain data (lists, not tuples) for checkpoints, YAML and MLflow."""
         return self.model_dump(mode="json")
 
-    def training_dict(self) -> dict[str, Any]:
-        """The sections that determine the trained weights (`TRAINING_SECTIONS`), as plain data.
-
-        This is what a checkpoint stores and what the resume key hashes: the sample, evaluate and
-        tracking params can change without touching the training or its outputs.
-        """
-        plain = self.to_dict()
-        return {k: plain[k] for k in TRAINING_SECTIONS}
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Self:
         """Validate plain data, turning pydantic's errors into one readable UserError."""
         try:
             return cls.model_validate(data)
         except ValidationError as err:
             raise ConfigError(source, err) from None
+
+
+# the params that determine the trained weights (the train stage's inputs besides the data)
+TRAINING_SECTIONS = tuple(TrainingConfig.model_fields)
+
+
+class Config(TrainingConfig):
+    """The whole of params.yaml. `seed` and `schedule` are top-level for `dvc exp run -S schedule=cosine`."""
+
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def training(self) -> TrainingConfig:
+        """The training sections alone (`TRAINING_SECTIONS`)."""
+        return TrainingConfig(**{k: getattr(self, k) for k in TRAINING_SECTIONS})
+
+    def training_dict(self) -> dict[str, Any]:
+        """The training sections as plain data: what a checkpoint stores and what the resume key hashes."""
+        return self.training().to_dict()
 
 
 class ConfigError(UserError):

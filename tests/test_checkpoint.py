@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpm.config import Config, TrainingConfig
 from ddpm.core.checkpoint import (
     FORMAT_VERSION,
     config_from_checkpoint,
@@ -15,10 +16,9 @@ from ddpm.core.checkpoint import (
     load_ema_unet,
     save_checkpoint,
 )
-from ddpm.config import Config
 from ddpm.core.ema import EMA
-from ddpm.errors import UserError
 from ddpm.core.unet import build_unet
+from ddpm.errors import UserError
 
 
 class Opaque:
@@ -33,7 +33,7 @@ def payload(cfg: Config, seed: int = 0, **extra) -> dict:
         for p in model.parameters():
             p.normal_()  # random, so a load that silently kept the init would be caught
     ema.update(model)  # warm-up decay 0.1: the EMA differs from both the init and the raw weights
-    return {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "step": 7, "model": model.state_dict(),
+    return {"format_version": FORMAT_VERSION, "config": cfg.training_dict(), "step": 7, "model": model.state_dict(),
             "ema": ema.state_dict(), **extra}
 
 
@@ -62,7 +62,7 @@ def test_round_trip(tmp_path: Path, tiny_cfg: Config):
     save_checkpoint(path, original)
     loaded = load_checkpoint(path)
     assert_same(loaded, original)
-    assert config_from_checkpoint(loaded) == tiny_cfg
+    assert config_from_checkpoint(loaded) == tiny_cfg.training()
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary files left behind
 
 
@@ -78,7 +78,7 @@ def test_load_ema_unet_restores_ema_weights(tmp_path: Path, tiny_cfg: Config):
     data = payload(tiny_cfg)
     save_checkpoint(tmp_path / "ema.pt", data)
     cfg, model = load_ema_unet(tmp_path / "ema.pt")
-    assert cfg == tiny_cfg
+    assert cfg == tiny_cfg.training()
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, data["ema"]["weights"][name])
@@ -158,11 +158,22 @@ def test_crash_during_save_keeps_previous_file(tmp_path: Path, tiny_cfg: Config,
 def test_architecture_mismatch_is_a_user_error(tmp_path: Path, tiny_cfg: Config):
     wider = Config.from_dict({**tiny_cfg.to_dict(), "model": {**tiny_cfg.to_dict()["model"], "channels": 32}})
     data = payload(wider)
-    data["config"] = tiny_cfg.to_dict()  # weights of a 32-channel net under a 16-channel config
+    data["config"] = tiny_cfg.training_dict()  # weights of a 32-channel net under a 16-channel config
     save_checkpoint(tmp_path / "ema.pt", data)
     with pytest.raises(UserError, match="another model config") as err:
         load_ema_unet(tmp_path / "ema.pt")
     assert str(tmp_path / "ema.pt") in str(err.value)
+
+
+def test_a_checkpoint_carries_the_training_sections_only(tmp_path: Path, tiny_cfg: Config):
+    """What train stores is a TrainingConfig: no sample/evaluate/tracking sections filled with defaults."""
+    data = payload(tiny_cfg)
+    assert list(data["config"]) == ["seed", "schedule", "data", "model", "diffusion", "train"]
+    cfg = config_from_checkpoint(data)
+    assert type(cfg) is TrainingConfig and not hasattr(cfg, "sample")
+    data["config"] = tiny_cfg.to_dict()  # a full params file is not a training config
+    with pytest.raises(UserError, match=r"sample: unknown key"):
+        config_from_checkpoint(data)
 
 
 def test_stored_config_is_revalidated(tmp_path: Path, tiny_cfg: Config):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.config import ClassifierConfig
+from ddpm.errors import UserError
 from ddpm.evaluation.classifier import (
     Classifier,
     _augment,
@@ -16,8 +18,6 @@ from ddpm.evaluation.classifier import (
     save_classifier,
     train_classifier,
 )
-from ddpm.config import ClassifierConfig
-from ddpm.errors import UserError
 
 
 def _toy_images(n_per_class: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +70,7 @@ def test_deterministic_for_a_seed_and_leaves_global_rng_alone():
     b, acc_b, _ = train_classifier(x, y, x, y, cfg, "cpu", seed=5)
     c, _, _ = train_classifier(x, y, x, y, cfg, "cpu", seed=6)
     assert acc_a == acc_b
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.head.weight, c.head.weight)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_params
-from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
+
 from ddpm.cli import main
+from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 
@@ -125,3 +125,19 @@ def test_a_pickled_callable_checkpoint_is_refused(trained, monkeypatch, capsys):
     monkeypatch.chdir(trained)
     torch.save({"format_version": 1, "config": {}, "step": 0, "ema": {}, "hook": print}, trained / "evil.pt")
     _fails(capsys, ["sample", "--checkpoint", "evil.pt", "--out", "x.png"], "evil.pt", "refused")
+
+
+def test_sampler_errors_name_the_flag_or_param_the_value_came_from(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    _fails(capsys, ["sample", "--steps", "41", "--out", "x.png"],
+           "between 1 and the 40 diffusion timesteps, got 41", "fix --steps")
+    _fails(capsys, ["sample", "--eta", "-0.5", "--out", "x.png"], "--eta", "greater than or equal to 0")
+    _fails(capsys, ["sample", "--sampler", "ddim", "--steps", "0", "--out", "x.png"], "--steps", "got 0")
+    _fails(capsys, ["evaluate", "--guidance-sweep", "1,-2"], "--guidance-sweep", "'1,-2'")
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    _write_params(trained, {**params, "sample": {**params["sample"], "steps": 41}})
+    try:
+        _fails(capsys, ["sample", "--out", "x.png"], "got 41", "fix sample.steps")
+    finally:
+        _write_params(trained, params)
+    assert not (trained / "x.png").exists()

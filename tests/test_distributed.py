@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import tiny_params
-from ddpm.core.checkpoint import load_checkpoint
+
 from ddpm.config import Config
+from ddpm.core.checkpoint import load_checkpoint
 from ddpm.data.datasets import prepare
+from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import resume_root
 from ddpm.pipeline.train import train
-from ddpm.pipeline.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 

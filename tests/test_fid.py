@@ -10,8 +10,8 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from ddpm.evaluation import fid
 from ddpm.errors import UserError
+from ddpm.evaluation import fid
 from ddpm.evaluation.fid import (
     InceptionFeatures,
     fid_from_features,
@@ -103,8 +103,8 @@ def test_fid_of_a_set_with_itself_is_zero(outputs):
 
 def test_inception_score_of_random_net_is_in_range(outputs):
     _, logits = outputs
-    mean, std = inception_score(logits, splits=2)
-    assert 1.0 <= mean <= 3.0 and std >= 0.0  # 3 images per split: IS <= 3
+    mean, _ = inception_score(logits, splits=2)
+    assert 1.0 <= mean <= 3.0  # 3 images per split: IS <= 3
 
 
 def test_no_weights_is_a_user_error_with_instructions(empty_hub):
@@ -171,6 +171,11 @@ def test_inception_score_analytic_values():
     confident[np.arange(50), np.arange(50)] = 100.0
     mean, std = inception_score(confident, splits=1)
     assert mean == pytest.approx(50.0, rel=1e-6) and std == 0.0
+    # two chunks (in order): 10 identical predictions (IS 1), then 10 confident distinct ones (IS 10):
+    # mean 5.5, population std 4.5 over the chunks
+    two = np.concatenate([np.tile(np.linspace(-1, 1, 1008), (10, 1)), confident[:10]])
+    mean, std = inception_score(two, splits=2, shuffle_seed=None)
+    assert (mean, std) == pytest.approx((5.5, 4.5), rel=1e-6)
     with pytest.raises(UserError, match="at least splits"):
         inception_score(confident[:5], splits=10)
 
@@ -205,9 +210,9 @@ def test_disabled_stats_marker(tmp_path):
 def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, monkeypatch):
     """evaluate.fid: true end to end through the stages; the sweep reuses one Inception network."""
     import yaml
+    from conftest import tiny_params
 
     import ddpm.pipeline.evaluate as evaluate_mod
-    from conftest import tiny_params
     from ddpm.config import load_config
     from ddpm.data.datasets import prepare
     from ddpm.pipeline.sample import sample_stage

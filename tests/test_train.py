@@ -6,19 +6,22 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_params
+from PIL import Image
 
 import ddpm.pipeline.train as train_mod
-from conftest import tiny_params
+from ddpm.config import Config, TrainingConfig
 from ddpm.core.checkpoint import load_checkpoint
-from ddpm.config import Config
 from ddpm.data.datasets import prepare
 from ddpm.errors import UserError
+from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.pipeline.train import Interrupted, train
-from ddpm.pipeline.layout import Layout
 
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 
@@ -75,10 +78,9 @@ def test_train_writes_declared_outputs(tmp_path):
     paths = _prepared(tmp_path, cfg)
     metrics = train(cfg, paths)
     assert metrics["steps"] == cfg.train.steps
-    assert metrics["images_seen"] == cfg.train.steps * cfg.train.batch_size
     ckpt = load_checkpoint(paths.ema)
     assert ckpt["config"] == cfg.training_dict()  # the training config travels with the weights
-    assert Config.from_dict(ckpt["config"]).model == cfg.model
+    assert TrainingConfig.from_dict(ckpt["config"]) == cfg.training()
     assert ckpt["class_names"][0] == "circle" and len(ckpt["class_names"]) == 10
     assert all(torch.isfinite(t).all() for t in _tensors(ckpt["ema"]).values())
     stored = json.loads(paths.train_metrics.read_text())
@@ -102,7 +104,8 @@ def test_two_clean_runs_are_byte_identical(tmp_path):
     b = _prepared(tmp_path / "b", other)
     ma, mb = train(cfg, a), train(other, b)
     assert a.ema.read_bytes() == b.ema.read_bytes()
-    assert [p.read_bytes() for p in sorted(a.progress.iterdir())] == [p.read_bytes() for p in sorted(b.progress.iterdir())]
+    grids = [[p.read_bytes() for p in sorted(run.progress.iterdir())] for run in (a, b)]
+    assert grids[0] == grids[1]
     assert {k: v for k, v in ma.items() if k != "timing"} == {k: v for k, v in mb.items() if k != "timing"}
     assert a.loss_plot.read_text() == b.loss_plot.read_text()
 
@@ -123,26 +126,49 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     assert reference.loss_plot.read_text() == crashed.loss_plot.read_text()
 
 
-def test_changed_training_param_starts_afresh(tmp_path):
-    cfg = _cfg()
-    paths = _prepared(tmp_path, cfg)
-    train(cfg, paths)
-    other = _cfg(train={"lr": 5e-4})
+def _count_steps(monkeypatch) -> dict:
+    """Count the optimiser steps the next runs take."""
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    return calls
+
+
+def test_a_changed_training_param_starts_afresh_and_a_tracking_param_resumes(tmp_path, monkeypatch):
+    cfg = _cfg(train={"sample_every": 0})  # 6 steps, a checkpoint every 2
+    other = _cfg(train={"sample_every": 0, "lr": 5e-4})
+    fresh = _prepared(tmp_path / "fresh", other)
+    train(other, fresh)  # the reference: `other` from scratch
+
+    paths = _prepared(tmp_path / "run", cfg)
+    undo = _crash_on_step(monkeypatch, 4)  # steps 1-3 done, a checkpoint of `cfg` at step 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, paths)
+    undo()
+    steps = _count_steps(monkeypatch)
+    train(other, paths)  # another learning rate: cfg's checkpoint must not be resumed
+    assert steps["n"] == 6 and paths.ema.read_bytes() == fresh.ema.read_bytes()
+
+    steps["n"] = 0
+    train(_cfg(train={"sample_every": 0}, tracking={**NO_TRACKING, "log_every": 3}), paths)
+    assert steps["n"] == 4  # only tracking differs: resumed cfg's checkpoint at step 2
     data_hash = json.loads((paths.prepared / "meta.json").read_text())["content_hash"]
-    assert resume_key(cfg, data_hash) != resume_key(other, data_hash)
     assert resume_key(cfg, data_hash) != resume_key(cfg, "another dataset")
-    assert resume_key(cfg, data_hash) == resume_key(_cfg(tracking={**NO_TRACKING, "log_every": 3}), data_hash)
 
 
-def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
+def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, caplog):
     cfg = _cfg()
     store = ResumeStore(tmp_path / "store")
-    base = {"format_version": 1, "config": cfg.to_dict(), "ema": {}, "model": {}}
+    base = {"format_version": 1, "config": cfg.training_dict(), "ema": {}, "model": {}}
     store.save({**base, "step": 1})
     store.save({**base, "step": 2})
     store.last.write_bytes(store.last.read_bytes()[:100])  # truncated, as after a crash mid-copy
     assert store.load()["step"] == 1
-    assert "truncated or corrupt" in capsys.readouterr().err
+    assert "truncated or corrupt" in caplog.text and "trying an older checkpoint" in caplog.text
 
 
 def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -264,7 +290,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path):
     assert paths.ema.read_bytes() == reference.ema.read_bytes()
 
 
-def test_low_disk_space_is_warned_about(tmp_path, monkeypatch, capsys):
+def test_low_disk_space_is_warned_about(tmp_path, monkeypatch, caplog):
     import shutil
     from collections import namedtuple
 
@@ -273,15 +299,32 @@ def test_low_disk_space_is_warned_about(tmp_path, monkeypatch, capsys):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     train(cfg, paths)
-    err = capsys.readouterr().err
-    assert "warning:" in err and "GiB free" in err and "checkpoints and samples" in err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("GiB free" in w and "checkpoints and samples" in w for w in warnings), warnings
 
 
-def test_gradient_accumulation_counts_images_once(tmp_path):
+def test_gradient_accumulation_counts_images_once(tmp_path, monkeypatch):
     cfg = _cfg(train={"grad_accum": 2, "steps": 2, "sample_every": 0})
     paths = _prepared(tmp_path, cfg)
+    drawn = []  # the size of every batch the loop takes from the data stream
+    real_make = train_mod.make_batches
+
+    def counting_batches(*args, **kwargs):
+        stream = real_make(*args, **kwargs)
+        real_next = stream.next
+
+        def counted_next():
+            x, y = real_next()
+            drawn.append(len(x))
+            return x, y
+
+        stream.next = counted_next
+        return stream
+
+    monkeypatch.setattr(train_mod, "make_batches", counting_batches)
     metrics = train(cfg, paths)
-    assert metrics["images_seen"] == 2 * cfg.train.batch_size
+    assert drawn == [4, 4, 4, 4]  # two steps of two micro-batches of 4
+    assert metrics["images_seen"] == sum(drawn)
     resume = load_checkpoint(next(resume_root(tmp_path).iterdir()) / "last.pt")
     # two steps of batch 8 as micro-batches of 4: 16 images consumed from the data stream
     assert resume["batches"]["position"] + resume["batches"]["epoch"] * 90 == 16
@@ -314,3 +357,27 @@ def test_compiled_training_keeps_ema_checkpoints_and_resume_working(tmp_path, mo
         torch.testing.assert_close(b["weights"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     initial = load_checkpoint(next(resume_root(tmp_path / "compiled").iterdir()) / "last.pt")["model"]
     assert not any("_orig_mod" in k for k in initial)
+
+
+def test_progress_grid_rows_are_the_classes_in_order(tmp_path, monkeypatch):
+    """Row k of a progress grid holds class k's samples, `progress_per_class` of them, in label order."""
+    cfg = _cfg(train={"progress_per_class": 3})
+    seen = {}
+
+    def fake_generate(model, diffusion, labels, settings, *, num, device, seed, batch_size, precision):
+        seen.update(labels=labels, num=num, settings=settings)
+        # every image is filled with 20 x its label, so the picture shows where each label landed
+        return (labels * 20).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 16, 16), {}
+
+    monkeypatch.setattr(train_mod, "generate", fake_generate)
+    run = SimpleNamespace(cfg=cfg, ema=SimpleNamespace(model=None), diffusion=None, device=torch.device("cpu"),
+                          step=3)
+    paths = Layout.under(tmp_path)
+    train_mod._progress_grid(run, None, paths)
+    assert seen["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7,
+                                       8, 8, 8, 9, 9, 9]
+    assert (seen["settings"].steps, seen["settings"].guidance_scale) == (4, 1.0)  # train.progress_* settings
+    grid = np.array(Image.open(paths.progress / "step_0000003.png"))  # (H, W, 3): 10 rows x 3 columns of 16 px
+    assert grid.shape == (2 + 10 * 18, 2 + 3 * 18, 3)
+    centres = grid[2 + 8 :: 18, 2 + 8 :: 18, 0]  # (10, 3): one pixel inside each tile
+    assert centres.tolist() == [[20 * k] * 3 for k in range(10)]

@@ -19,8 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ddpm.config import Config, Prediction, Variance
-from ddpm.errors import UserError
+from ddpm.config import Prediction, TrainingConfig, Variance
 from ddpm.core.schedules import make_betas
 
 # model(x_t, t, y) -> network output in the diffusion's prediction space
@@ -58,15 +57,11 @@ class GaussianDiffusion(nn.Module):
         clip_x0: bool = True,
     ):
         super().__init__()
-        if prediction not in ("eps", "x0", "v"):
-            raise UserError(f"diffusion.prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
-        if variance not in ("fixed_small", "fixed_large"):
-            raise UserError(f"diffusion.variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         betas = betas.detach().to("cpu", torch.float64)
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas < 1)).all()):
-            raise UserError("every beta must lie in (0, 1); check diffusion.beta_start / beta_end / max_beta")
+            raise ValueError(f"every beta must lie in (0, 1), got min {betas.min().item()}, max {betas.max().item()}")
         self.prediction: Prediction = prediction
         self.variance: Variance = variance
         self.clip_x0 = clip_x0
@@ -105,7 +100,7 @@ class GaussianDiffusion(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, cfg: Config) -> GaussianDiffusion:
+    def from_config(cls, cfg: TrainingConfig) -> GaussianDiffusion:
         """Build the process named by `cfg.schedule` with the settings of `cfg.diffusion`."""
         d = cfg.diffusion
         return cls(make_betas(cfg.schedule, d), prediction=d.prediction, variance=d.variance, clip_x0=d.clip_x0)
@@ -194,14 +189,6 @@ class GaussianDiffusion(nn.Module):
         return x0, eps
 
     # ---- training --------------------------------------------------------------------------------
-
-    def sample_timesteps(
-        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Uniform timesteps t ~ U{0, ..., T-1}, int64 (batch,), on `device` (default: the generator's)."""
-        if device is None:
-            device = generator.device if generator is not None else self.betas.device
-        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
     def training_losses(
         self,

@@ -1,4 +1,4 @@
-"""Turning model outputs into pictures: [-1, 1] floats to uint8, grids, PNG files (written atomically)."""
+"""Between pixels and model space: uint8 to [-1, 1] and back, grids, PNG files (written atomically)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
 
 
-def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """Map uint8 pixels to model space [-1, 1]."""
-    return images.float() / 127.5 - 1.0  # (B, C, H, W)
+def to_model_space(images_u8: torch.Tensor) -> torch.Tensor:
+    """Map uint8 pixels to model space [-1, 1] as float32, bit-identically on every device.
+
+    Integer arithmetic is exact in float32 and one multiply rounds the same on every device, so CPU and
+    CUDA give bit-identical inputs (`/ 127.5` does not: CUDA divides by multiplying with the reciprocal).
+    """
+    return (images_u8.float() * 2.0 - 255.0) * (1.0 / 255.0)  # (B, C, H, W); 0 -> -1 and 255 -> 1 exactly
 
 
 def grid_hwc(images_u8: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ddpm.config import DeviceName, Precision
-from ddpm.errors import UserError
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,7 +20,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
     """`auto` is CUDA when available, else CPU; `cuda` without a GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA GPU is visible; set train.device: cpu (or auto)")
+        raise ValueError("no CUDA GPU is visible")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -31,7 +30,7 @@ def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
 def check_precision(precision: Precision, device: torch.device) -> None:
     """fp16 autocast needs a GPU (GradScaler); bf16 and fp32 run anywhere."""
     if precision == "fp16" and device.type != "cuda":
-        raise UserError("train.precision is 'fp16', which needs CUDA; use fp32 or bf16 on the CPU")
+        raise ValueError(f"fp16 autocast needs CUDA (a GradScaler) and the device is {device.type}")
 
 
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:

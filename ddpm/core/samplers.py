@@ -19,7 +19,6 @@ import torch
 
 from ddpm.config import SamplerName
 from ddpm.core.diffusion import GaussianDiffusion, ModelFn, extract
-from ddpm.errors import UserError
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
@@ -28,10 +27,7 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     Returns int64 (steps,) on the CPU. steps == T gives every timestep.
     """
     if not 1 <= steps <= num_timesteps:
-        raise UserError(
-            f"sampling steps must be between 1 and the {num_timesteps} diffusion timesteps, got {steps}; "
-            "fix sample.steps"
-        )
+        raise ValueError(f"sampling steps must be between 1 and the {num_timesteps} diffusion timesteps, got {steps}")
     if steps == 1:
         return torch.tensor([num_timesteps - 1], dtype=torch.int64)
     # spacing (T-1)/(steps-1) >= 1, so rounding never merges two steps
@@ -46,19 +42,19 @@ def guided(model: ModelFn, guidance_scale: float, null_label: int | None) -> Mod
     and -w sum to 1, so the affine offsets cancel identically. w == 0 returns `model` itself.
     """
     if guidance_scale < 0:
-        raise UserError(f"guidance scale must be >= 0, got {guidance_scale}; fix sample.guidance_scale")
+        raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
     if guidance_scale == 0:
         return model
     if null_label is None:
-        raise UserError(
+        raise ValueError(
             f"guidance scale {guidance_scale} needs a class-conditional model with a null label, but the model is "
-            "unconditional (model.num_classes = 0); set sample.guidance_scale to 0"
+            "unconditional (no null label)"
         )
     w = float(guidance_scale)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if y is None:
-            raise UserError("classifier-free guidance needs class labels y; pass labels or use guidance scale 0")
+            raise ValueError("classifier-free guidance needs class labels y; pass labels or use guidance scale 0")
         null = torch.full_like(y, null_label)  # (B,)
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, ...)
         cond, uncond = out.chunk(2)  # (B, ...) each
@@ -138,7 +134,7 @@ def ddim_sample(
     Returns (x0, {t: x_t}) like `ddpm_sample`.
     """
     if eta < 0:
-        raise UserError(f"DDIM eta must be >= 0, got {eta}; fix sample.eta")
+        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
     process, kept = _process(diffusion, steps)
     _check_record(record, kept)
     device = diffusion.betas.device
@@ -189,4 +185,4 @@ def sample(
         return ddpm_sample(diffusion, model_fn, shape, y, generator, record=record, steps=steps)
     if sampler == "ddim":
         return ddim_sample(diffusion, model_fn, shape, y, steps, eta, generator, record=record)
-    raise UserError(f"unknown sampler {sampler!r}; set sample.sampler to 'ddpm' or 'ddim'")
+    raise ValueError(f"unknown sampler {sampler!r}")  # unreachable from a validated config (a Literal)

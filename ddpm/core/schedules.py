@@ -12,7 +12,6 @@ import math
 import torch
 
 from ddpm.config import DiffusionConfig, Schedule
-from ddpm.errors import UserError
 
 
 def linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -21,12 +20,9 @@ def linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
     Returns a float64 tensor of shape (T,) whose first and last entries are exactly beta_start and beta_end.
     """
     if T < 2:
-        raise UserError(f"the linear schedule needs at least 2 timesteps, got T={T}; set diffusion.timesteps >= 2")
+        raise ValueError(f"the linear schedule needs at least 2 timesteps, got T={T}")
     if not 0.0 < beta_start < beta_end < 1.0:
-        raise UserError(
-            f"linear schedule needs 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}; "
-            "fix diffusion.beta_start / diffusion.beta_end"
-        )
+        raise ValueError(f"the linear schedule needs 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
     # linspace pins both end points exactly (an arange-based formula can drift in the last digit)
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)  # (T,)
 
@@ -48,9 +44,9 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     Returns float64 (T,).
     """
     if T < 1:
-        raise UserError(f"the cosine schedule needs at least 1 timestep, got T={T}; set diffusion.timesteps >= 2")
+        raise ValueError(f"the cosine schedule needs at least 1 timestep, got T={T}")
     if not 0.0 < max_beta < 1.0:
-        raise UserError(f"diffusion.max_beta must lie in (0, 1), got {max_beta}")
+        raise ValueError(f"the cosine schedule's max_beta must lie in (0, 1), got {max_beta}")
     alpha_bar = cosine_alpha_bar(torch.arange(T + 1), T, s)  # (T+1,) alpha_bar(0..T)
     betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]  # (T,)
     return betas.clamp(max=max_beta)
@@ -62,4 +58,4 @@ def make_betas(schedule: Schedule, cfg: DiffusionConfig) -> torch.Tensor:
         return linear_betas(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     if schedule == "cosine":
         return cosine_betas(cfg.timesteps, cfg.cosine_s, cfg.max_beta)
-    raise UserError(f"unknown noise schedule {schedule!r}; set schedule to 'linear' or 'cosine'")
+    raise ValueError(f"unknown noise schedule {schedule!r}")  # unreachable from a validated config (a Literal)

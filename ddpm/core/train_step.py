@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ddpm.config import TrainConfig
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.runtime import Ranks, autocast
 
@@ -68,27 +69,26 @@ class StepStats:
         self.bad_run.mul_(found_inf).add_(found_inf)  # consecutive count: reset to 0 by a good step
         torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
 
+    _READ = ("loss_sum", "loss_count", "gnorm_sum", "steps", "quarter_sum", "quarter_count", "bad_total",
+             "bad_run_max")
+
     def read(self) -> dict[str, float]:
         """ONE device-to-host transfer of every statistic; resets the interval sums."""
-        packed = torch.cat(
-            [
-                torch.stack([self.loss_sum, self.loss_count, self.gnorm_sum, self.steps]),
-                self.quarter_sum,
-                self.quarter_count,
-                torch.stack([self.bad_total, self.bad_run_max]).double(),
-            ]
-        ).tolist()
-        loss_sum, loss_count, gnorm_sum, steps = packed[:4]
-        q_sum, q_count = packed[4:8], packed[8:12]
+        tensors = [getattr(self, k).double().reshape(-1) for k in self._READ]
+        flat = torch.cat(tensors).tolist()  # the one sync
+        v, start = {}, 0
+        for name, t in zip(self._READ, tensors, strict=True):  # split back by name: (4,) for the quarters
+            v[name] = flat[start : start + t.numel()] if t.numel() > 1 else flat[start]
+            start += t.numel()
         out = {
-            "loss": loss_sum / loss_count if loss_count else float("nan"),
-            "grad_norm": gnorm_sum / steps if steps else float("nan"),
-            "bad_steps_total": packed[12],
-            "bad_steps_in_a_row": packed[13],
+            "loss": v["loss_sum"] / v["loss_count"] if v["loss_count"] else float("nan"),
+            "grad_norm": v["gnorm_sum"] / v["steps"] if v["steps"] else float("nan"),
+            "bad_steps_total": v["bad_total"],
+            "bad_steps_in_a_row": v["bad_run_max"],
         }
         for q in range(4):
-            if q_count[q]:
-                out[f"loss_q{q}"] = q_sum[q] / q_count[q]
+            if v["quarter_count"][q]:
+                out[f"loss_q{q}"] = v["quarter_sum"][q] / v["quarter_count"][q]
         self.reset()
         return out
 
@@ -109,6 +109,16 @@ class StepContext:
     p_uncond: float
     grad_clip: float
     grad_accum: int
+
+    @classmethod
+    def from_config(cls, tc: TrainConfig, *, model: nn.Module, diffusion: GaussianDiffusion,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    generator: torch.Generator, device: torch.device, null_label: int | None,
+                    ranks: Ranks = Ranks()) -> StepContext:
+        """The context of a run with the train settings `tc` (precision, p_uncond, grad_clip, grad_accum)."""
+        return cls(model=model, diffusion=diffusion, optimizer=optimizer, scaler=scaler, generator=generator,
+                   precision=tc.precision, device=device, ranks=ranks, null_label=null_label,
+                   p_uncond=tc.p_uncond, grad_clip=tc.grad_clip, grad_accum=tc.grad_accum)
 
 
 def _global_then_local(ctx: StepContext, local_batch: int, make) -> torch.Tensor:

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import Config, ModelConfig
-from ddpm.errors import UserError
+from ddpm.config import ModelConfig, TrainingConfig, network_resolutions
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -123,30 +122,12 @@ class Level(nn.Module):
         self.attns = nn.ModuleList(attns)
 
 
-def _validate_geometry(cfg: ModelConfig, image_size: int) -> list[int]:
-    """Return the resolution of each level, or raise UserError when the network cannot fit the images."""
-    levels = len(cfg.channel_mult)
-    factor = 2 ** (levels - 1)
-    if image_size % factor:
-        raise UserError(
-            f"image size {image_size} is not divisible by 2^(levels-1)={factor} for "
-            f"model.channel_mult={list(cfg.channel_mult)}; use a multiple of {factor} or fewer levels"
-        )
-    resolutions = [image_size // 2**i for i in range(levels)]
-    missing = [r for r in cfg.attention_resolutions if r not in resolutions]
-    if missing:
-        raise UserError(
-            f"model.attention_resolutions {missing} do not occur in the network; its resolutions are {resolutions}"
-        )
-    return resolutions
-
-
 class UNet(nn.Module):
     """Class-conditional DDPM U-Net: `forward(x, t, y) -> tensor shaped like x` (the eps / x0 / v prediction)."""
 
     def __init__(self, cfg: ModelConfig, image_size: int, in_channels: int = 3):
         super().__init__()
-        resolutions = _validate_geometry(cfg, image_size)
+        resolutions = network_resolutions(cfg, image_size)  # ValueError when the network cannot fit
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = cfg.num_classes
@@ -210,9 +191,9 @@ class UNet(nn.Module):
         """Raise a readable error for wrong shapes instead of a cryptic conv / matmul failure deep inside."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise UserError(
+            raise ValueError(
                 f"U-Net input has shape {tuple(x.shape)} but this network expects (B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}); set data.image_size / the dataset to match the model"
+                f"{expected[1]}, {expected[2]})"
             )
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
@@ -256,7 +237,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
 
 
-def build_unet(cfg: Config) -> UNet:
+def build_unet(cfg: TrainingConfig) -> UNet:
     """The U-Net described by `cfg.model` for `cfg.data.image_size` RGB images."""
     return UNet(cfg.model, cfg.data.image_size)
 

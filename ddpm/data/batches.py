@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ddpm.core.images import to_model_space
 from ddpm.errors import UserError
 
 if TYPE_CHECKING:  # imported for annotations only: keeps this module free of the data-preparation code
@@ -47,9 +48,7 @@ def epoch_order(seed: int, epoch: int, n: int, hflip: bool) -> tuple[torch.Tenso
 
 def to_model_input(images_u8: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> float32 in [-1, 1], mirrored left-right where `flip` (B,) is true."""
-    # Integer arithmetic is exact in float32 and one multiply rounds the same on every device, so CPU and
-    # CUDA give bit-identical inputs (`/ 127.5` does not: CUDA divides by multiplying with the reciprocal).
-    x = (images_u8.float() * 2.0 - 255.0) * (1.0 / 255.0)  # (B, 3, H, W); 0 -> -1 and 255 -> 1 exactly
+    x = to_model_space(images_u8)  # (B, 3, H, W), bit-identical on every device
     return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W); no host sync
 
 
@@ -59,11 +58,8 @@ class _Cursor:
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if batch_size % world_size:
-            raise UserError(
-                f"train.batch_size={batch_size} is not divisible by the {world_size} processes; "
-                f"set train.batch_size to a multiple of {world_size}"
-            )
+        if batch_size % world_size:  # the trainer names the params (train.batch_size, grad_accum) before this
+            raise ValueError(f"a global batch of {batch_size} does not split evenly over {world_size} ranks")
         if batch_size > n:
             raise UserError(
                 f"train.batch_size={batch_size} is larger than the {n} training images; "
@@ -78,11 +74,6 @@ class _Cursor:
         twin = _Cursor(self.n, self.global_batch, self.rank, self.world_size)
         twin.epoch, twin.position = self.epoch, self.position
         return twin
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Full global batches per epoch (the tail is dropped)."""
-        return self.n // self.global_batch
 
     def take(self) -> tuple[int, int, int]:
         """Claim the next global batch: `(epoch, start, stop)` of this rank's shard, and advance."""
@@ -105,11 +96,6 @@ class _Cursor:
                 "images; the checkpoint was made with other data: re-prepare that data or train from scratch"
             )
         self.epoch, self.position = epoch, position
-
-    @property
-    def images_seen(self) -> int:
-        """Images consumed by all ranks together since the start of the stream."""
-        return self.epoch * self.batches_per_epoch * self.global_batch + self.position
 
 
 def _check_data(images_u8: torch.Tensor, labels: torch.Tensor) -> None:
@@ -138,11 +124,6 @@ class _BatchStream:
     def batch_size(self) -> int:
         """This rank's batch size: the global batch size // world_size."""
         return self._cursor.local_batch
-
-    @property
-    def images_seen(self) -> int:
-        """Images consumed by all ranks together since the start of the stream."""
-        return self._cursor.images_seen
 
     def state_dict(self) -> dict[str, int]:
         """`{"epoch", "position"}`: enough to resume the exact stream (given the same data and seed)."""

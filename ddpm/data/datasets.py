@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
-import sys
 import tarfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddpm.config import Config, TrainingConfig
 from ddpm.core.atomic import atomic_open, write_text
-from ddpm.config import Config
-from ddpm.errors import UserError
 from ddpm.data.shapes import generate_shapes
+from ddpm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -52,11 +54,6 @@ class PreparedData:
     eval_labels: torch.Tensor
     class_names: list[str]
     content_hash: str
-
-    @property
-    def image_size(self) -> int:
-        """Height (= width) of every image."""
-        return int(self.train_images.shape[-1])
 
 
 @dataclass
@@ -334,14 +331,22 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
 
 
-def _check_classes(split: _Split, cfg: Config) -> None:
-    """The model's class count must match the data's (0 = unconditional model accepts any)."""
-    n = len(split.class_names)
+def check_class_count(class_names: list[str], cfg: TrainingConfig, what: str) -> None:
+    """The model's class count must match the data's (0 = an unconditional model accepts any).
+
+    Checked when preparing and again when training starts (model.num_classes may change in between).
+    """
+    n = len(class_names)
     if cfg.model.num_classes not in (0, n):
         raise UserError(
-            f"the {cfg.data.dataset} dataset has {n} classes but model.num_classes is {cfg.model.num_classes}; "
+            f"{what} has {n} classes but model.num_classes is {cfg.model.num_classes}; "
             f"set model.num_classes: {n} in params.yaml"
         )
+
+
+def _check_classes(split: _Split, cfg: Config) -> None:
+    """The class count fits the model and both splits hold images."""
+    check_class_count(split.class_names, cfg, f"the {cfg.data.dataset} dataset")
     if len(split.train_images) == 0 or len(split.eval_images) == 0:
         raise UserError("the prepared dataset has an empty train or eval split; add images (>= 2 per class)")
 
@@ -350,8 +355,7 @@ def _warn_skipped(skipped: list[str], source: str) -> None:
     """One stderr line about files that were skipped."""
     if skipped:
         examples = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(f"warning: skipped {len(skipped)} non-image or unreadable file(s) in {source}: {examples}",
-              file=sys.stderr)
+        log.warning("skipped %d non-image or unreadable file(s) in %s: %s", len(skipped), source, examples)
 
 
 def _load_source(cfg: Config) -> _Split:

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.core.atomic import atomic_path
 from ddpm.config import ClassifierConfig
+from ddpm.core.atomic import atomic_path
+from ddpm.core.checkpoint import load_weights_only
+from ddpm.core.images import to_model_space
 from ddpm.errors import UserError
 from ddpm.evaluation.metrics import class_accuracy
 
@@ -100,11 +102,6 @@ class Classifier(nn.Module):
         return self.head(self.features(x)) * self.logit_scale
 
 
-def _to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images_u8.float() / 127.5 - 1.0
-
-
 def _augment(x: torch.Tensor, pad: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
     """Random crop (reflect-pad by `pad`) and random horizontal flip of a float batch (B, C, H, W).
 
@@ -134,7 +131,7 @@ def _as_images(images_u8: ImagesU8, image_size: int | None = None) -> torch.Tens
     if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
         raise UserError(
             f"the classifier was trained on {image_size}x{image_size} images but got "
-            f"{images.shape[2]}x{images.shape[3]}; retrain it for data.image_size (rerun the evaluate stage)"
+            f"{images.shape[2]}x{images.shape[3]}; retrain it for data.image_size (rerun the classifier stage)"
         )
     return images
 
@@ -155,8 +152,6 @@ def train_classifier(
     device: torch.device | str,
     seed: int,
     hflip: bool = True,
-    num_classes: int | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[Classifier, float, list[float]]:
     """Train a `Classifier` on uint8 images and report its held-out accuracy.
 
@@ -164,8 +159,7 @@ def train_classifier(
     `cfg.weight_decay`, random crop (reflect pad = image_size // 8, i.e. 4 at 32x32) and, when
     `hflip`, horizontal flips (pass `data.hflip`: flips must not change the class). The training set
     lives on `device` as uint8. Deterministic for a seed on the CPU; the caller's global RNG state
-    is left untouched. `num_classes` defaults to 1 + the largest label. `on_epoch(epoch, mean_loss)`
-    is called after each epoch (for logging).
+    is left untouched. The class count is 1 + the largest label.
     Returns (model in eval mode, overall eval accuracy, per-class eval accuracy).
     """
     device = torch.device(device)
@@ -173,8 +167,7 @@ def train_classifier(
     y_train = torch.as_tensor(train_labels).to(device, torch.int64)  # (N,)
     if x_train.shape[0] != y_train.shape[0] or x_train.shape[2] != x_train.shape[3]:
         raise ValueError(f"need square images and one label each, got {tuple(x_train.shape)} / {tuple(y_train.shape)}")
-    if num_classes is None:
-        num_classes = 1 + max(int(torch.as_tensor(train_labels).max()), int(torch.as_tensor(eval_labels).max()))
+    num_classes = 1 + max(int(torch.as_tensor(train_labels).max()), int(torch.as_tensor(eval_labels).max()))
     image_size = x_train.shape[2]
     model = _init_model(num_classes, cfg.width, image_size, seed).to(device)
     if device.type == "cuda":
@@ -185,10 +178,8 @@ def train_classifier(
         model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _one_cycle(cfg.epochs * steps_per_epoch))
-    for epoch in range(cfg.epochs):
-        loss = _train_epoch(model, optimizer, schedule, x_train, y_train, cfg.batch_size, hflip, gen)
-        if on_epoch is not None:
-            on_epoch(epoch, loss)
+    for _ in range(cfg.epochs):
+        _train_epoch(model, optimizer, schedule, x_train, y_train, cfg.batch_size, hflip, gen)
     model.eval()
     pred = predict(model, eval_images_u8, batch_size=max(cfg.batch_size, 256))
     accuracy, per_class = class_accuracy(pred, eval_labels, num_classes)
@@ -226,18 +217,17 @@ def _train_epoch(
     batch_size: int,
     hflip: bool,
     gen: torch.Generator,
-) -> float:
-    """One pass over the shuffled training set; returns the mean loss (read back once per epoch)."""
+) -> None:
+    """One pass over the shuffled training set (no read-back to the host)."""
     model.train()
     device = x_train.device
     pad = x_train.shape[-1] // 8
     # bf16 autocast on CUDA for speed; fp32 on the CPU keeps training bit-reproducible.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    total = torch.zeros((), device=device)
     batches = _batches(x_train.shape[0], batch_size, gen)
     for idx in batches:
         idx = idx.to(device)
-        x = _augment(_to_unit_range(x_train[idx]), pad, hflip, gen)  # (B, 3, H, W)
+        x = _augment(to_model_space(x_train[idx]), pad, hflip, gen)  # (B, 3, H, W)
         if device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         with autocast:
@@ -246,8 +236,6 @@ def _train_epoch(
         loss.backward()
         optimizer.step()
         schedule.step()
-        total += loss.detach()
-    return float(total) / len(batches)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -305,7 +293,7 @@ def _batched(
     outputs = []
     with torch.inference_mode():
         for batch in images.split(batch_size):
-            x = _to_unit_range(batch.to(device))  # (b, 3, H, W)
+            x = to_model_space(batch.to(device))  # (b, 3, H, W)
             outputs.append(fn(x).float().cpu())  # (b, ...)
     return torch.cat(outputs)
 
@@ -327,9 +315,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
     """Rebuild a classifier saved by `save_classifier`, in eval mode on `device`; its meta is `model.meta`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"classifier checkpoint {path} not found; train it first (run the evaluate stage)")
+        raise UserError(f"classifier checkpoint {path} not found; train it first (run the classifier stage)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path)
     except Exception as err:  # a truncated or foreign file: say which and how to recover
         raise UserError(f"cannot read classifier checkpoint {path} ({err}); delete it and retrain") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ddpm.core.atomic import atomic_open, atomic_path
+from ddpm.core.checkpoint import load_weights_only
 from ddpm.errors import UserError
 from ddpm.evaluation.metrics import ArrayLike, feature_statistics, frechet_distance
 
@@ -82,7 +83,7 @@ def _check_weights_file(path: Path) -> None:
     restricted unpickler holds only tensors and containers, so the second load runs no code.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     except Exception as err:  # corrupt, truncated or a pickle with code in it
         raise _missing_weights_error(f"{path} is not a readable weights file ({err})") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None

@@ -20,15 +20,14 @@ from torch import nn
 from ddpm.config import CompileMode, Config, ModelConfig
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.runtime import (
-    Ranks,
     autocast,
     configure_backends,
     device_description,
-    resolve_device,
 )
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import UNet, forward_flops
 from ddpm.errors import UserError
+from ddpm.pipeline.devices import resolve_device
 
 # dense peak FLOP/s per precision (fp32 runs use TF32 tensor cores), from the vendors' data sheets
 PEAK_FLOPS = {
@@ -144,8 +143,11 @@ def _candidate(name: str, net: nn.Module, cfg: Config, s: Setting, compile_mode:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     null = cfg.model.num_classes if cfg.model.num_classes else None
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
-    ctx = StepContext(trained, diffusion, opt, scaler, torch.Generator(device=device).manual_seed(0), s.precision,
-                      device, Ranks(), null, 0.1, 1.0, 1)
+    # the run's own step settings (p_uncond, grad clipping) at this setting's precision, one micro-batch a step
+    tc = cfg.train.model_copy(update={"precision": s.precision, "grad_accum": 1})
+    ctx = StepContext.from_config(tc, model=trained, diffusion=diffusion, optimizer=opt, scaler=scaler,
+                                  generator=torch.Generator(device=device).manual_seed(0), device=device,
+                                  null_label=null)
     batches = _FixedBatch(s.batch, cfg.data.image_size, cfg.model.num_classes, device, s.channels_last)
     return Candidate(name, trained, ctx, batches, StepStats(device))
 
@@ -276,7 +278,7 @@ def format_table(result: dict) -> str:
 
 def bench_cli(cfg: Config, args) -> None:
     """`python -m ddpm bench`: the table, then one JSON line."""
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, param="--device")
     bcfg = bench_config(cfg, args.reference)
     both = {"on": [True], "off": [False], "both": [False, True]}
     result = run_bench(bcfg, batches=args.batch_size, steps=args.steps, warmup=args.warmup,

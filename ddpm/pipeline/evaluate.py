@@ -15,7 +15,7 @@ import torch
 
 from ddpm.config import Config
 from ddpm.core.generate import SamplerSettings
-from ddpm.core.runtime import resolve_device
+from ddpm.core.runtime import configure_backends
 from ddpm.data.datasets import load_prepared
 from ddpm.errors import UserError
 from ddpm.evaluation.classifier import (
@@ -39,8 +39,9 @@ from ddpm.evaluation.metrics import (
     frechet_distance,
     precision_recall,
 )
+from ddpm.pipeline.devices import resolve_device
 from ddpm.pipeline.layout import Layout
-from ddpm.pipeline.sample import evaluation_set, load_model, load_samples
+from ddpm.pipeline.sample import check_steps, evaluation_set, load_model, load_samples
 from ddpm.tracking.files import read_run_id, write_metrics, write_tsv
 from ddpm.tracking.tracker import Tracker
 
@@ -153,7 +154,9 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
     """One row of offline metrics (and FID when on) per guidance scale, on fresh samples."""
     if not scales:
         return []
+    configure_backends(cfg.train.deterministic)
     lm = load_model(paths.ema, cfg)
+    check_steps(lm, cfg.sample.steps, "sample.steps")
     rows = []
     for w in scales:
         settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 from ddpm.config import Config
 from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def resume_key(cfg: Config, data_hash: str) -> str:
@@ -49,7 +51,7 @@ class ResumeStore:
             try:
                 return load_checkpoint(path, map_location=map_location)
             except UserError as err:
-                print(f"warning: {err}; trying an older checkpoint", file=sys.stderr)
+                log.warning("%s; trying an older checkpoint", err)
         return None
 
     def save(self, payload: dict) -> None:

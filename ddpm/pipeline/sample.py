@@ -12,25 +12,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from ddpm.config import Config
+from ddpm.config import Config, SampleConfig, TrainingConfig
 from ddpm.core.atomic import atomic_path
 from ddpm.core.checkpoint import load_checkpoint, load_ema_model
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.images import grid_hwc, save_png
-from ddpm.core.runtime import check_precision, configure_backends, resolve_device
+from ddpm.core.runtime import configure_backends
 from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
+from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.tracking.files import read_run_id, write_run_id
 from ddpm.tracking.tracker import Tracker
+
+# the sample command's flags, by the SampleConfig field each one overrides
+SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance"}
 
 
 @dataclass
 class LoadedModel:
     """An EMA model rebuilt from a checkpoint, with what sampling needs to know about it."""
 
-    config: Config  # the TRAINING config stored in the checkpoint
+    config: TrainingConfig  # the training config stored in the checkpoint
     model: torch.nn.Module
     diffusion: torch.nn.Module
     class_names: list[str]
@@ -39,8 +44,10 @@ class LoadedModel:
 
 
 def load_model(checkpoint: Path, cfg: Config) -> LoadedModel:
-    """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params)."""
-    configure_backends(cfg.train.deterministic)
+    """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params).
+
+    Run under `configure_backends`, which the workflow calls first (it sets process-wide torch flags).
+    """
     device = resolve_device(cfg.train.device)
     check_precision(cfg.train.precision, device)
     ckpt = load_checkpoint(checkpoint)
@@ -121,9 +128,11 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 def sample_stage(cfg: Config, paths: Layout) -> dict:
     """The sample stage: grid, denoising picture and evaluation set, logged into the training's MLflow run (or a
     child of it when these params are not the ones it logged); `samples/run.json` names that run for evaluate."""
+    configure_backends(cfg.train.deterministic)
     lm = load_model(paths.ema, cfg)
     sc, precision = cfg.sample, cfg.train.precision
     settings = SamplerSettings.from_config(sc)
+    check_steps(lm, settings.steps, "sample.steps")
     classes = list(range(max(lm.config.model.num_classes, 1)))
     grid = class_grid(lm, settings, classes, sc.grid_per_class, cfg.seed, sc.batch_size, precision)
     denoise = denoise_picture(lm, settings, sc.denoise_frames, cfg.seed, precision)
@@ -153,16 +162,11 @@ def sample_cli(cfg: Config, args) -> None:
     """`python -m ddpm sample --checkpoint ... --classes cat,dog --n 16 --guidance 2 --out grid.png`."""
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    sc = _with_flags(cfg.sample, args)
+    settings = SamplerSettings.from_config(sc)
+    configure_backends(cfg.train.deterministic)
     lm = load_model(Path(args.checkpoint), cfg)
-    sc = cfg.sample
-    settings = SamplerSettings(
-        sampler=args.sampler or sc.sampler,
-        steps=args.steps or sc.steps,
-        eta=sc.eta if args.eta is None else args.eta,
-        guidance_scale=sc.guidance_scale if args.guidance is None else args.guidance,
-    )
+    check_steps(lm, settings.steps, "--steps" if args.steps is not None else "sample.steps")
     if lm.config.model.num_classes:
         classes = parse_classes(args.classes, lm.class_names) if args.classes else list(range(len(lm.class_names)))
     elif args.classes:
@@ -173,3 +177,24 @@ def sample_cli(cfg: Config, args) -> None:
     grid = class_grid(lm, settings, classes, args.n, seed, sc.batch_size, cfg.train.precision)
     save_png(args.out, grid)
     print(f"wrote {args.out}: {len(classes)} row(s) x {args.n}, {settings}")
+
+
+def _with_flags(sc: SampleConfig, args) -> SampleConfig:
+    """The sample section with the given flags applied, validated by the same rules as params.yaml's;
+    a bad value is a UserError naming the flag."""
+    overrides = {field: getattr(args, flag[2:]) for field, flag in SAMPLE_FLAGS.items()
+                 if getattr(args, flag[2:]) is not None}
+    try:
+        return SampleConfig.model_validate({**sc.model_dump(), **overrides})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"{SAMPLE_FLAGS[e['loc'][0]]}: {e['msg']} (got {e['input']!r})") from None
+
+
+def check_steps(lm: LoadedModel, steps: int, name: str) -> None:
+    """The sampler's own check of `steps` against the model's diffusion, as a UserError naming `name`
+    (the param or flag the value came from)."""
+    try:
+        respaced_timesteps(lm.diffusion.num_timesteps, steps)
+    except ValueError as err:
+        raise UserError(f"{err}; fix {name}") from None

@@ -8,9 +8,9 @@ gives bit-identical EMA weights to an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,27 +20,26 @@ import torch
 from tqdm import tqdm
 
 from ddpm.config import Config
-from ddpm.core.checkpoint import save_checkpoint
+from ddpm.core.checkpoint import FORMAT_VERSION, save_checkpoint
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.ema import EMA
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.images import grid_hwc, save_png
 from ddpm.core.runtime import (
     Ranks,
-    check_precision,
     close_distributed,
     configure_backends,
     device_description,
     init_distributed,
     ranks_from_env,
-    resolve_device,
 )
 from ddpm.core.seeding import rng_state, seed_everything, set_rng_state
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
-from ddpm.data.datasets import load_prepared
+from ddpm.data.datasets import check_class_count, load_prepared
 from ddpm.errors import UserError
+from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
@@ -48,6 +47,7 @@ from ddpm.tracking.resources import ResourceMonitor
 from ddpm.tracking.tracker import TRAIN_FINAL_PREFIX, Tracker
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -94,14 +94,14 @@ class Run:
     batches: object
     stats: StepStats
     step: int = 0
-    plot_rows: list[list[float]] = field(default_factory=list)
+    plot_rows: list[dict[str, float]] = field(default_factory=list)  # one dict per log step, keyed by PLOT_COLUMNS
     run_id: str | None = None
     class_names: list[str] = field(default_factory=list)
 
     def payload(self, data_hash: str) -> dict:
         """The full training state as plain data (weights_only-loadable)."""
         return {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "config": self.cfg.training_dict(),
             "step": self.step,
             "model": self.model.state_dict(),
@@ -131,7 +131,7 @@ class Run:
         self.generator.set_state(ckpt["generator"])
         self.batches.load_state_dict(ckpt["batches"])
         self.stats.load_state_dict(ckpt["stats"])
-        self.plot_rows = [list(r) for r in ckpt["plot_rows"]]
+        self.plot_rows = [dict(r) for r in ckpt["plot_rows"]]
         self.run_id = ckpt["mlflow_run_id"] or None
 
 
@@ -180,8 +180,8 @@ def _warn_disk(cfg: Config, root: Path, model: torch.nn.Module) -> None:
         need += (cfg.train.steps // cfg.train.sample_every + 1) * 3 * cfg.data.image_size**2 * 200
     free = shutil.disk_usage(root).free
     if free < need:
-        print(f"warning: {free / 2**30:.2f} GiB free on {root}, training needs about {need / 2**30:.2f} GiB "
-              "for checkpoints and samples", file=sys.stderr)
+        log.warning("%.2f GiB free on %s, training needs about %.2f GiB for checkpoints and samples",
+                    free / 2**30, root, need / 2**30)
 
 
 def train(cfg: Config, paths: Layout) -> dict:
@@ -200,11 +200,7 @@ def train(cfg: Config, paths: Layout) -> dict:
 
 def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> dict:
     data = load_prepared(paths.prepared)
-    if len(data.class_names) != cfg.model.num_classes and cfg.model.num_classes != 0:
-        raise UserError(
-            f"the prepared data has {len(data.class_names)} classes but model.num_classes is "
-            f"{cfg.model.num_classes}; set model.num_classes: {len(data.class_names)}"
-        )
+    check_class_count(data.class_names, cfg, "the prepared data")
     run = _build(cfg, ranks, device, data)
     run.class_names = list(data.class_names)
     store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash))
@@ -212,7 +208,7 @@ def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> di
     if ckpt is not None:
         run.restore(ckpt)
         if ranks.is_main:
-            print(f"resuming from {store.dir} at step {run.step}", file=sys.stderr)
+            log.info("resuming from %s at step %d", store.dir, run.step)
     elif ranks.is_main:
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
     if ranks.is_main:
@@ -249,11 +245,9 @@ def _tags(data_hash: str, device: torch.device) -> dict[str, str]:
 def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) -> dict:
     """The training loop: steps, periodic logging, progress grids and checkpoints."""
     cfg, main = run.cfg, run.ranks.is_main
-    ctx = StepContext(
-        model=run.trained, diffusion=run.diffusion, optimizer=run.optimizer, scaler=run.scaler,
-        generator=run.generator, precision=cfg.train.precision, device=run.device, ranks=run.ranks,
-        null_label=run.model.null_label, p_uncond=cfg.train.p_uncond, grad_clip=cfg.train.grad_clip,
-        grad_accum=cfg.train.grad_accum,
+    ctx = StepContext.from_config(
+        cfg.train, model=run.trained, diffusion=run.diffusion, optimizer=run.optimizer, scaler=run.scaler,
+        generator=run.generator, device=run.device, ranks=run.ranks, null_label=run.model.null_label,
     )
     log_every = cfg.tracking.log_every
     monitor = ResourceMonitor(run.device) if main and cfg.tracking.system_metrics else None
@@ -300,7 +294,7 @@ def _log(run: Run, tracker, bar, images_per_s: float, paths: Layout, monitor: Re
     lr = run.scheduler.get_last_lr()[0]
     if not run.ranks.is_main:
         return
-    row = [run.step] + [stats.get(c, float("nan")) for c in PLOT_COLUMNS[1:-1]] + [lr]
+    row = {"step": run.step, **{c: stats.get(c, float("nan")) for c in PLOT_COLUMNS[1:-1]}, "lr": lr}
     run.plot_rows.append(row)
     _write_plot(paths.loss_plot, run.plot_rows)
     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{images_per_s:.0f}")
@@ -309,8 +303,8 @@ def _log(run: Run, tracker, bar, images_per_s: float, paths: Layout, monitor: Re
         tracker.log_metrics({**stats, "lr": lr, "images_per_s": images_per_s, **resources}, step=run.step)
 
 
-def _write_plot(path: Path, rows: list[list[float]]) -> None:
-    write_tsv(path, PLOT_COLUMNS, [dict(zip(PLOT_COLUMNS, r, strict=True)) for r in rows])
+def _write_plot(path: Path, rows: list[dict[str, float]]) -> None:
+    write_tsv(path, PLOT_COLUMNS, rows)
 
 
 def _progress_grid(run: Run, tracker, paths: Layout) -> None:
@@ -343,12 +337,12 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
     store.finish()
     save_checkpoint(paths.ema, {
-        "format_version": 1, "config": run.cfg.training_dict(), "step": run.step, "ema": run.ema.state_dict(),
-        "class_names": run.class_names,
+        "format_version": FORMAT_VERSION, "config": run.cfg.training_dict(), "step": run.step,
+        "ema": run.ema.state_dict(), "class_names": run.class_names,
     })
-    last = run.plot_rows[-1] if run.plot_rows else [run.step, float("nan")]
+    last = run.plot_rows[-1] if run.plot_rows else {"loss": float("nan")}
     metrics = {
-        "loss": last[1],
+        "loss": last["loss"],
         "steps": run.step,
         "images_seen": run.step * run.cfg.train.batch_size,
         "bad_steps": int(run.stats.bad_total.item()),

@@ -85,5 +85,5 @@ def _nvml_handle(device: torch.device) -> tuple[Any, Any] | None:
         uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
         return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid)
     except Exception as err:  # noqa: BLE001 - any NVML/driver failure means "not available"
-        log.info("NVML unavailable (%s); GPU utilisation is not logged", err)
+        log.debug("NVML unavailable (%s); GPU utilisation is not logged", err)
         return None

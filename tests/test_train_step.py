@@ -1,0 +1,105 @@
+"""The training step's statistics against hand computation on a one-parameter model.
+
+The model is eps_hat(x_t) = a * x_t with one scalar parameter a, so every per-example loss
+L_i = mean((a x_t,i - eps_i)^2) and the gradient dL/da = mean(2 (a x_t,i - eps_i) x_t,i) have closed forms,
+computed here in float64 numpy from the same random draws (t, then the noise, per micro-batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ddpm.config import TrainConfig
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.schedules import linear_betas
+from ddpm.core.train_step import StepContext, StepStats, train_step
+
+T, B, SHAPE = 8, 6, (3, 4, 4)
+BETAS = np.linspace(0.1, 0.5, T)  # beta_1..beta_T (a coarse schedule: large, distinct alpha_bar per step)
+
+
+class Scale(nn.Module):
+    """eps_hat = a * x_t."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.a * x
+
+
+class FixedBatches:
+    """Hands out the given micro-batches in turn."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = iter(batches)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = next(self.batches)
+        return x0, torch.zeros(len(x0), dtype=torch.int64)
+
+
+def _expected(a: float, x0s: list[torch.Tensor], seed: int, grad_accum: int) -> tuple[dict[str, float], float]:
+    """Per-quarter mean losses, the mean loss and |dLoss/da| of one step, and dLoss/da itself, by hand."""
+    gen = torch.Generator().manual_seed(seed)
+    alpha_bar = np.cumprod(1.0 - BETAS)
+    losses, quarters, grad = [], [], 0.0
+    for x0 in x0s:  # the step draws t, then the noise, for each micro-batch in turn
+        t = torch.randint(0, T, (B,), generator=gen).numpy()
+        eps = torch.randn((B, *SHAPE), generator=gen).double().numpy()
+        ab = alpha_bar[t].reshape(-1, 1, 1, 1)
+        x_t = np.sqrt(ab) * x0.double().numpy() + np.sqrt(1.0 - ab) * eps
+        residual = a * x_t - eps
+        per_example = (residual**2).mean(axis=(1, 2, 3))  # (B,)
+        losses += per_example.tolist()
+        quarters += (t // (T // 4)).tolist()  # T = 8: timesteps 0-1, 2-3, 4-5, 6-7
+        grad += (2 * residual * x_t).mean(axis=(1, 2, 3)).mean() / grad_accum
+    out = {"loss": float(np.mean(losses)), "grad_norm": abs(grad)}
+    for q in range(4):
+        in_q = [loss for loss, qq in zip(losses, quarters, strict=True) if qq == q]
+        if in_q:
+            out[f"loss_q{q}"] = float(np.mean(in_q))
+    return out, grad
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_step_statistics_match_the_hand_computation(grad_accum: int):
+    a, seed = 0.7, 5
+    x0s = [torch.rand((B, *SHAPE), generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(grad_accum)]
+    model = Scale(a)
+    diffusion = GaussianDiffusion(linear_betas(T, 0.1, 0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)  # fused: takes found_inf, like AdamW
+    ctx = StepContext.from_config(
+        TrainConfig(precision="fp32", grad_clip=0.0, grad_accum=grad_accum), model=model, diffusion=diffusion,
+        optimizer=optimizer, scaler=None, generator=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"), null_label=None,
+    )
+    stats = StepStats(torch.device("cpu"))
+    train_step(ctx, FixedBatches(x0s), stats)
+    got = stats.read()
+    expected, grad = _expected(a, x0s, seed, grad_accum)
+    assert {k for k in got if k.startswith("loss")} == {k for k in expected if k.startswith("loss")}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+    assert got["bad_steps_total"] == 0.0 and got["bad_steps_in_a_row"] == 0.0
+    # the SGD update used the same gradient (no clipping): a <- a - lr * dLoss/da
+    assert model.a.item() == pytest.approx(a - 0.1 * grad, rel=1e-5)
+
+
+def test_read_resets_the_interval_and_keeps_the_run_counters():
+    stats = StepStats(torch.device("cpu"))
+    stats.add_losses(torch.tensor([1.0, 3.0, float("nan")]), torch.tensor([0, 7, 3]), T)
+    stats.add_step(torch.tensor(2.0), torch.tensor(0.0))
+    stats.add_step(torch.tensor(float("nan")), torch.tensor(1.0))
+    first = stats.read()
+    assert first["loss"] == 2.0 and first["loss_q0"] == 1.0 and first["loss_q3"] == 3.0
+    assert "loss_q1" not in first  # its only example was not finite
+    assert first["grad_norm"] == 2.0  # the skipped step's norm is left out
+    assert (first["bad_steps_total"], first["bad_steps_in_a_row"]) == (1.0, 1.0)
+    second = stats.read()
+    assert np.isnan(second["loss"]) and np.isnan(second["grad_norm"])
+    assert second["bad_steps_total"] == 1.0  # run-long, not reset by read
