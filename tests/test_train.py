@@ -89,7 +89,7 @@ def test_train_writes_declared_outputs(tmp_path):
     assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
     # a finished run keeps only its last resume checkpoint
     store_dir = next(resume_root(tmp_path).iterdir())
-    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt", "lock"]  # lock: see ResumeStore.exclusive
 
 
 def test_two_clean_runs_are_byte_identical(tmp_path):

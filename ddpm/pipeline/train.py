@@ -12,7 +12,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
 from ddpm.data.datasets import load_prepared
-from ddpm.errors import UserError
+from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
@@ -48,14 +48,6 @@ from ddpm.tracking.resources import ResourceMonitor
 from ddpm.tracking.tracker import TRAIN_FINAL_PREFIX, Tracker
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run was checkpointed."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved, run again to resume")
-        self.signum = signum
 
 
 @contextmanager
@@ -208,6 +200,14 @@ def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> di
     run = _build(cfg, ranks, device, data)
     run.class_names = list(data.class_names)
     store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash))
+    with store.exclusive() if ranks.is_main else nullcontext():
+        return _train_locked(run, store, paths, data.content_hash)
+
+
+def _train_locked(run: Run, store: ResumeStore, paths: Layout, data_hash: str) -> dict:
+    """Resume (or start), open the MLflow run before any work, train, write the outputs; the run ends with
+    the tracker (FINISHED / KILLED / FAILED)."""
+    cfg, ranks, device = run.cfg, run.ranks, run.device
     ckpt = store.load(map_location=device)
     if ckpt is not None:
         run.restore(ckpt)
@@ -215,26 +215,20 @@ def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> di
             print(f"resuming from {store.dir} at step {run.step}", file=sys.stderr)
     elif ranks.is_main:
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
-    if ranks.is_main:
-        _warn_disk(cfg, paths.root, run.model)
-    tracker = Tracker.start(
-        cfg, paths.root, run_name=None, run_id=run.run_id, tags=_tags(data.content_hash, device),
-        resume_step=run.step if ckpt is not None else None,
-    ) if ranks.is_main else None
-    if tracker is not None:
+    if not ranks.is_main:
+        _loop(run, store, None, paths, data_hash)
+        return {}
+    _warn_disk(cfg, paths.root, run.model)
+    # killed before its first checkpoint: continue the MLflow run (and TensorBoard dir) that start created
+    orphan = store.recorded_run_id() if ckpt is None else None
+    run_id = run.run_id or orphan
+    resume_step = run.step if ckpt is not None else (0 if orphan else None)
+    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=_tags(data_hash, device),
+                       resume_step=resume_step) as tracker:
         run.run_id = tracker.run_id
-    status = "FAILED"
-    try:
-        timing = _loop(run, store, tracker, paths, data.content_hash)
-        metrics = _finish(run, store, tracker, paths, timing) if ranks.is_main else {}
-        status = "FINISHED"
-        return metrics
-    except Interrupted:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.finish(status)
+        store.record_run_id(tracker.run_id)
+        timing = _loop(run, store, tracker, paths, data_hash)
+        return _finish(run, store, tracker, paths, timing)
 
 
 def _tags(data_hash: str, device: torch.device) -> dict[str, str]:
@@ -277,7 +271,7 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
                 _progress_grid(run, tracker, paths)
             if flag:
                 _checkpoint(run, store, data_hash)
-                raise Interrupted(flag[0])
+                raise Interrupted(flag[0], "checkpoint saved, run again to resume")
             if run.step % cfg.train.checkpoint_every == 0 and run.step < cfg.train.steps:
                 _checkpoint(run, store, data_hash)
     bar.close()
