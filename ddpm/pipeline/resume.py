@@ -56,6 +56,7 @@ class ResumeStore:
         self.last = directory / "last.pt"
         self.previous = directory / "previous.pt"
         self.run_info = directory / "run.json"
+        self.progress = directory / "progress"  # copies of the progress grids, for a resume elsewhere
 
     def load(self, map_location: Any = "cpu") -> dict | None:
         """The newest readable checkpoint, or None for a fresh start; a corrupt last one falls back."""

@@ -213,8 +213,10 @@ def _train_locked(run: Run, store: ResumeStore, paths: Layout, data_hash: str) -
         run.restore(ckpt)
         if ranks.is_main:
             print(f"resuming from {store.dir} at step {run.step}", file=sys.stderr)
+            _restore_progress(store, paths)
     elif ranks.is_main:
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
+        shutil.rmtree(store.progress, ignore_errors=True)
     if not ranks.is_main:
         _loop(run, store, None, paths, data_hash)
         return {}
@@ -268,7 +270,7 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
                 t_log, step_log = now, run.step
                 _log(run, tracker, bar, ips, paths, monitor)
             if main and cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
-                _progress_grid(run, tracker, paths)
+                _progress_grid(run, tracker, paths, store)
             if flag:
                 _checkpoint(run, store, data_hash)
                 raise Interrupted(flag[0], "checkpoint saved, run again to resume")
@@ -307,7 +309,21 @@ def _write_plot(path: Path, rows: list[list[float]]) -> None:
     write_tsv(path, PLOT_COLUMNS, [dict(zip(PLOT_COLUMNS, r, strict=True)) for r in rows])
 
 
-def _progress_grid(run: Run, tracker, paths: Layout) -> None:
+def _restore_progress(store: ResumeStore, paths: Layout) -> None:
+    """Copy the progress grids kept beside the checkpoint that the stage's folder lacks.
+
+    A resumed run can be in another directory than the attempt it continues (a re-queued DVC experiment
+    runs in a fresh temporary copy), where the persistent `samples/progress/` output starts empty.
+    """
+    if not store.progress.is_dir():
+        return
+    paths.progress.mkdir(parents=True, exist_ok=True)
+    for png in store.progress.glob("step_*.png"):
+        if not (paths.progress / png.name).exists():
+            shutil.copy2(png, paths.progress / png.name)
+
+
+def _progress_grid(run: Run, tracker, paths: Layout, store: ResumeStore) -> None:
     """Sample the same seeds with the EMA model: one row per class (the seed's table over training)."""
     cfg = run.cfg
     k = cfg.model.num_classes or 1
@@ -322,6 +338,7 @@ def _progress_grid(run: Run, tracker, paths: Layout) -> None:
     )
     grid = grid_hwc(images, nrow=per_class)
     save_png(paths.progress / f"step_{run.step:07d}.png", grid)
+    save_png(store.progress / f"step_{run.step:07d}.png", grid)  # for a resume in another directory
     if tracker is not None:
         tracker.log_image("progress", grid, step=run.step)
 
@@ -336,6 +353,10 @@ def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
 def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) -> dict:
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
     store.finish()
+    # a run resumed from a finished (or late) checkpoint in a fresh directory logs nothing more: write
+    # every output from the state itself
+    _write_plot(paths.loss_plot, run.plot_rows)
+    paths.progress.mkdir(parents=True, exist_ok=True)
     save_checkpoint(paths.ema, {
         "format_version": 1, "config": run.cfg.training_dict(), "step": run.step, "ema": run.ema.state_dict(),
         "class_names": run.class_names,
