@@ -90,7 +90,7 @@ class Tracker:
 
     The one way a stage ends its run: `with Tracker.start(...) as tracker:` opened before the work, it
     finishes with FINISHED on success, KILLED on an interruption (SIGINT/SIGTERM, which raise
-    `Interrupted` inside the block, or KeyboardInterrupt/SystemExit) and FAILED on any other exception.
+    `Interrupted` from `start` until the run ends, or KeyboardInterrupt/SystemExit) and FAILED on any other exception.
     `Tracker()` is a tracker that logs nothing (a stage whose pipeline run has no MLflow run).
     """
 
@@ -143,10 +143,15 @@ class Tracker:
         all_tags = {**git_tags(repo_root), **dvc_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         if resume_step is not None:
             self._last_step = resume_step
-        if cfg.tracking.mlflow:
-            self._start_mlflow(cfg, repo_root, run_id, params, all_tags, new_run_if_params_differ)
-        if cfg.tracking.tensorboard:
-            self._start_tensorboard(store_root(repo_root), resume_step)
+        self._catch_signals()  # before the run exists: a SIGTERM from now on ends it KILLED, never RUNNING
+        try:
+            if cfg.tracking.mlflow:
+                self._start_mlflow(cfg, repo_root, run_id, params, all_tags, new_run_if_params_differ)
+            if cfg.tracking.tensorboard:
+                self._start_tensorboard(store_root(repo_root), resume_step)
+        except BaseException as err:
+            self.finish(exit_status(type(err)))
+            raise
         return self
 
     def _start_mlflow(
@@ -266,19 +271,23 @@ class Tracker:
             name = f"{name}-{suffix}"
         return name
 
-    def __enter__(self) -> Tracker:
-        """Turn SIGINT/SIGTERM into `Interrupted` while the block runs, so the run ends KILLED, not RUNNING.
+    def _catch_signals(self) -> None:
+        """Turn SIGINT/SIGTERM into `Interrupted` from `start` to `finish`, so the run ends KILLED, not RUNNING.
 
         (Training installs its own handlers around its loop to checkpoint first; they raise `Interrupted` too.)
         """
         if threading.current_thread() is threading.main_thread():
             self._old_handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def _release_signals(self) -> None:
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         self._old_handlers = {}
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.finish(exit_status(exc_type))
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
@@ -286,6 +295,7 @@ class Tracker:
         if self._finished:
             return
         self._finished = True
+        self._release_signals()
         if self._system_monitor is not None:
             self._system_monitor.finish()
         self.flush()
