@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 
 import ddpm.pipeline.sample as sample_mod
-from conftest import tiny_params
 from ddpm.config import Config, load_config
 from ddpm.data.datasets import prepare
 from ddpm.evaluation.classifier import Classifier, extract_features

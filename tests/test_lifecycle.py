@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_params
 
 import ddpm.pipeline.evaluate as evaluate_mod
 import ddpm.pipeline.sample as sample_mod
 import ddpm.pipeline.train as train_mod
-from conftest import tiny_params
 from ddpm.config import Config
 from ddpm.data.datasets import prepare
 from ddpm.pipeline.evaluate import classifier_stage, evaluate_stage, fid_stats_stage

@@ -7,14 +7,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from test_pipeline import _env, _run, dvc_repo  # noqa: F401 - dvc_repo is a fixture
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -75,7 +73,7 @@ def _exp_table(repo: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace_alone(dvc_repo: Path):
+def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace_alone(dvc_repo: Path):  # noqa: F811
     import mlflow
 
     repo = dvc_repo
@@ -135,3 +133,30 @@ def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace
     assert runs["q-linear"].data.params["sample.guidance_scale"] == "2.0"  # its own results stay its own
     _assert_unchanged(before, _state(repo))
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))  # DVC removed its temporary copies
+
+
+def test_a_stage_reads_and_writes_in_its_cwd_while_the_stores_follow_dvc_root(tmp_path, monkeypatch):
+    """What DVC gives a temp/queued stage: cwd = the experiment's copy, DVC_ROOT = the parent repository."""
+    import json
+
+    import yaml
+    from conftest import tiny_params
+
+    from ddpm.cli import main
+    from ddpm.pipeline.resume import resume_root
+    from ddpm.tracking.store import store_root, tracking_uri
+
+    parent, copy = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmpabc"
+    copy.mkdir(parents=True)
+    (parent / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    (copy / "params.yaml").write_text(yaml.safe_dump(tiny_params(data={**tiny_params()["data"],
+                                                                       "shapes_per_class": 16})))
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(parent))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["prepare"]) == 0
+    meta = json.loads((copy / "data/prepared/meta.json").read_text())
+    assert meta["num_train"] + meta["num_eval"] == 160  # the experiment's params, not the parent's 120
+    assert not (parent / "data").exists()  # nothing written into the user's workspace
+    assert store_root(copy) == parent.resolve() and resume_root(copy) == parent.resolve() / ".resume"
+    assert tracking_uri(copy) == f"sqlite:///{parent.resolve() / 'mlflow.db'}"
