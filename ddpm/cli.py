@@ -10,20 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
 from ddpm.config import CompileMode, Config, EvaluateConfig, load_config
-from ddpm.errors import UserError
+from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.layout import Layout
 
 
 def repo_root() -> Path:
-    """The directory holding params.yaml: DVC runs stages there (DVC_ROOT when set), as does the CLI."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    """Where this stage runs: the current directory, which holds params.yaml and the stage's files.
+
+    Not `DVC_ROOT`: `dvc exp run --temp/--queue` runs each experiment in a copy under `.dvc/tmp/exps/`
+    (the current directory, with the experiment's params.yaml) and points `DVC_ROOT` at the parent
+    repository. Only the shared stores (MLflow, TensorBoard, `.resume/`) live there, see
+    `ddpm.tracking.store.store_root`.
+    """
+    return Path.cwd().resolve()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -58,8 +63,6 @@ def configure_logging() -> None:
 
 def _guarded(fn: Callable[[], object], debug: bool) -> int:
     """Run `fn`, turning user errors and interruptions into exit codes."""
-    from ddpm.pipeline.train import Interrupted  # heavy import, only when running
-
     try:
         fn()
         return 0

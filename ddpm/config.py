@@ -29,9 +29,10 @@ DatasetName = Literal["cifar10", "folder", "shapes"]
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
+    """Base of every config section: unknown keys are errors, values are immutable, floats are finite
+    (`.inf` / `.nan` in YAML are refused everywhere)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -138,9 +139,10 @@ class SampleConfig(Section):
 
     sampler: SamplerName = "ddim"
     steps: int = Field(100, ge=1)
-    eta: float = Field(0.0, ge=0.0)
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM: 0 deterministic, 1 DDPM-like noise; above 1 is undefined
     guidance_scale: float = Field(1.0, ge=0.0)  # w in eps = (1+w) eps(x,t,y) - w eps(x,t,null)
-    num_samples: int = Field(10_000, ge=1)  # the evaluation set
+    num_samples: int = Field(50_000, ge=1)  # the evaluation set: 50k for FID-50k as in the papers
+    precision: Precision = "fp32"  # autocast for evaluation sampling (not train.precision: metrics want fp32)
     batch_size: int = Field(1000, ge=1)  # bounds memory independently of num_samples
     grid_per_class: int = Field(10, ge=1)  # columns of samples/grid.png
     denoise_frames: int = Field(8, ge=2)  # columns of samples/denoise.png
@@ -275,7 +277,7 @@ class ConfigError(UserError):
     """params.yaml (or a stored config) failed validation; the message names every bad field."""
 
     def __init__(self, source: str, err: ValidationError):
-        lines = [f"invalid configuration in {source}:"]
+        problems = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
             msg = e["msg"].removeprefix("Value error, ")
@@ -283,8 +285,12 @@ class ConfigError(UserError):
                 msg = "unknown key (check the spelling; see params.yaml for the allowed keys)"
             # a cross-field check names its fields in the message; its "input" is a whole section
             shown = e["type"] != "missing" and not isinstance(e["input"], dict)
-            lines.append(f"  {loc}: {msg} (got {e['input']!r})" if shown else f"  {loc}: {msg}")
-        super().__init__("\n".join(lines))
+            problems.append(f"{loc}: {msg} (got {e['input']!r})" if shown else f"{loc}: {msg}")
+        fix = f"correct it in {source}" if len(problems) == 1 else f"correct them in {source}"
+        if len(problems) == 1:  # the usual case: one line naming the problem and the fix
+            super().__init__(f"invalid configuration in {source}: {problems[0]}; {fix}")
+        else:
+            super().__init__("\n".join([f"invalid configuration in {source} ({fix}):", *(f"  {p}" for p in problems)]))
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

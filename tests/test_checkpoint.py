@@ -97,9 +97,10 @@ def test_load_ema_model_builds_the_diffusion(tmp_path: Path, tiny_cfg: Config):
 def test_file_needing_code_is_refused(tmp_path: Path, tiny_cfg: Config, bad):
     path = tmp_path / "evil.pt"
     torch.save({**payload(tiny_cfg), "extra": bad}, path)  # plain torch.save: bypasses our checks
-    with pytest.raises(UserError, match="needs code to unpickle") as err:
+    with pytest.raises(UserError, match="holds objects that are not plain tensors or data") as err:
         load_checkpoint(path)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and "refused for safety" in str(err.value)
+    assert "corrupt" not in str(err.value)  # not a disk problem: the user must not go hunting for one
 
 
 def test_save_refuses_entries_that_could_not_be_loaded_back(tmp_path: Path, tiny_cfg: Config):
@@ -114,12 +115,13 @@ def test_save_refuses_entries_that_could_not_be_loaded_back(tmp_path: Path, tiny
     assert not (tmp_path / "x.pt").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "junk4", "bytes4", "pickle-head"])
 def test_damaged_file_is_a_user_error_naming_it(tmp_path: Path, tiny_cfg: Config, damage: str):
     path = tmp_path / "last.pt"
     save_checkpoint(path, payload(tiny_cfg))
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00junk" * 100}[damage])
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00junk" * 100,
+                      "junk4": b"junk", "bytes4": b"\x01\x02\x03\x04", "pickle-head": b"\x80\x02}q"}[damage])
     with pytest.raises(UserError, match="truncated or corrupt") as err:
         load_checkpoint(path)
     assert str(path) in str(err.value)

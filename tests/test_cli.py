@@ -141,3 +141,85 @@ def test_sampler_errors_name_the_flag_or_param_the_value_came_from(trained, monk
     finally:
         _write_params(trained, params)
     assert not (trained / "x.png").exists()
+
+
+# ------------------------------------------------------------- the bad inputs of issue 11, one line, exit 2
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file below `root` with its mtime and bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+def _one_line(err: str) -> None:
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+def pipeline_copy(trained, tmp_path) -> Path:
+    """A copy of the trained repo the test may damage, as the cwd; the sample stage already ran there."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(trained, repo)
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(repo)
+    _write_params(repo, tiny_params(train={"steps": 2, "sample_every": 0}, tracking=NO_TRACKING,
+                                    evaluate={"guidance_sweep": []}))
+    assert main(["sample"]) == 0
+    yield repo
+    os.chdir(cwd)
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"\x01\x02\x03\x04", b"\x80\x02}q"], ids=["ascii", "bytes", "pickle-head"])
+def test_a_checkpoint_of_four_junk_bytes_exits_2(pipeline_copy, capsys, junk):
+    (pipeline_copy / "models/ema.pt").write_bytes(junk)
+    before = _snapshot(pipeline_copy)
+    err = _fails(capsys, ["sample"], "models/ema.pt", "truncated or corrupt", "retrain")
+    _one_line(err)
+    assert _snapshot(pipeline_copy) == before
+
+
+def test_a_pickle_with_a_code_payload_is_refused_for_safety_not_called_corrupt(pipeline_copy, capsys):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    (pipeline_copy / "models/ema.pt").write_bytes(pickle.dumps({"ema": Payload()}))
+    before = _snapshot(pipeline_copy)
+    err = _fails(capsys, ["sample"], "models/ema.pt", "not plain tensors or data", "refused for safety", "system")
+    _one_line(err)
+    assert "corrupt" not in err
+    assert not (pipeline_copy / "pwned").exists() and _snapshot(pipeline_copy) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"train": {"lr": float("inf")}}, ["train.lr", "finite number", "inf", "correct it in"]),
+        ({"train": {"ema_decay": float("nan")}}, ["train.ema_decay", "finite number"]),
+        ({"sample": {"guidance_scale": float("inf")}}, ["sample.guidance_scale", "finite number"]),
+        ({"evaluate": {"guidance_sweep": [1.0, float("-inf")]}}, ["evaluate.guidance_sweep", "finite number"]),
+        ({"sample": {"eta": 1.5}}, ["sample.eta", "less than or equal to 1", "1.5"]),
+    ],
+)
+def test_non_finite_floats_and_eta_above_1_are_refused(pipeline_copy, capsys, change, fragments):
+    """`.inf` / `.nan` in YAML, anywhere, and DDIM eta outside [0, 1]: one line, exit 2, nothing written."""
+    params = tiny_params(**change)
+    text = yaml.safe_dump(params, sort_keys=False)
+    assert ".inf" in text or ".nan" in text or "1.5" in text  # what the user wrote: YAML's spelling
+    (pipeline_copy / "params.yaml").write_text(text)
+    before = _snapshot(pipeline_copy)
+    for command in (["train"], ["sample"], ["evaluate"]):
+        _one_line(_fails(capsys, command, *fragments))
+    assert _snapshot(pipeline_copy) == before
+
+
+def test_eta_above_1_on_the_command_line_is_refused(pipeline_copy, capsys):
+    _one_line(_fails(capsys, ["sample", "--eta", "1.5", "--out", "x.png"], "--eta", "less than or equal to 1", "1.5"))
+    assert not (pipeline_copy / "x.png").exists()

@@ -82,13 +82,16 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
     for name, stage in _dvc_yaml()["stages"].items():
         for path in _declared(stage):
             assert (repo / path).exists(), f"stage {name} did not write {path}"
-    for key in ("class_accuracy", "fd_classifier", "fd_classifier_floor", "precision", "recall"):
+    # 20 samples against 30 held-out images: both sets are 20, and the names say so
+    assert metrics["num_compared"] == 20
+    for key in ("class_accuracy", "fd_classifier_20", "fd_classifier_floor_20", "precision_20", "recall_20"):
         assert isinstance(metrics[key], float)
     clf = json.loads((repo / "metrics/classifier.json").read_text())
     assert metrics["real_class_accuracy"] == clf["accuracy"]  # the same classifier on the same real images
-    assert 0.0 <= metrics["fd_classifier_floor"] < metrics["fd_classifier"]  # untrained samples are worse
+    assert 0.0 <= metrics["fd_classifier_floor_20"] < metrics["fd_classifier_20"]  # untrained samples are worse
     sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
-    assert sweep[0].split("\t")[:2] == ["guidance_scale", "class_accuracy"]
+    assert sweep[0].split("\t")[:3] == ["guidance_scale", "samples", "class_accuracy"]
+    assert {r.split("\t")[1] for r in sweep[1:]} == {"20"}
     assert [float(r.split("\t")[0]) for r in sweep[1:]] == list(cfg.evaluate.guidance_sweep)
 
 
@@ -158,7 +161,7 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     for r in runs:
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 3
-        assert "eval_class_accuracy" in r.data.metrics
+        assert "eval_class_accuracy" in r.data.metrics and "eval_fd_classifier_20" in r.data.metrics
         assert len(r.data.tags["mlflow.source.git.commit"]) == 40
         assert r.data.tags["data_hash"]
         names = {a.path for a in client.list_artifacts(r.info.run_id)}

@@ -290,3 +290,25 @@ def test_single_step_returns_the_predicted_x0(sampler: str) -> None:
     target = torch.tensor([[0.3, -0.2, 0.7]])
     x, _ = sample(d, lambda x, t, y: target.expand_as(x), (4, 3), None, sampler, 1, 0.0, torch.Generator())
     torch.testing.assert_close(x, target.expand(4, 3))
+
+
+def test_guidance_combination_is_computed_in_fp32() -> None:
+    """cond = 1 + 2^-7 and uncond = 1 are exact in bf16; at w = 4 the answer 1 + 5 * 2^-7 = 1.0390625 is not
+    (bf16 spacing near 5 is 2^-5, so a bf16 combination gives 5.03125 - 4 = 1.03125)."""
+    def bf16_model(x, t, y):
+        out = torch.where(y == 9, 1.0, 1.0 + 2.0**-7)  # (2B,) the null label gets 1, the class 1 + 2^-7
+        return out[:, None].expand_as(x).to(torch.bfloat16)  # (2B, D) like a network under bf16 autocast
+
+    fn = guided(bf16_model, 4.0, null_label=9)
+    out = fn(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.full((3, 2), 1.0390625))
+    cond, uncond = torch.tensor(1.0 + 2.0**-7, dtype=torch.bfloat16), torch.tensor(1.0, dtype=torch.bfloat16)
+    assert float(5.0 * cond - 4.0 * uncond) == 1.03125  # what the old bf16 combination returned
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.01, 2.0])
+def test_ddim_eta_outside_0_1_is_refused(eta: float) -> None:
+    d = _diffusion()
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+        ddim_sample(d, optimal_model(d), (3, 8), _labels(n=1), 10, eta, torch.Generator())

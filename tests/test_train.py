@@ -91,7 +91,9 @@ def test_train_writes_declared_outputs(tmp_path):
     assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
     # a finished run keeps only its last resume checkpoint
     store_dir = next(resume_root(tmp_path).iterdir())
-    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt"]
+    # lock: see ResumeStore.exclusive; progress: the grids kept for a resume in another directory
+    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt", "lock", "progress"]
+    assert sorted(p.name for p in (store_dir / "progress").iterdir()) == ["step_0000003.png", "step_0000006.png"]
 
 
 def test_two_clean_runs_are_byte_identical(tmp_path):
@@ -373,7 +375,9 @@ def test_progress_grid_rows_are_the_classes_in_order(tmp_path, monkeypatch):
     run = SimpleNamespace(cfg=cfg, ema=SimpleNamespace(model=None), diffusion=None, device=torch.device("cpu"),
                           step=3)
     paths = Layout.under(tmp_path)
-    train_mod._progress_grid(run, None, paths)
+    store = SimpleNamespace(progress=tmp_path / "kept")
+    train_mod._progress_grid(run, None, paths, store)
+    assert (store.progress / "step_0000003.png").read_bytes() == (paths.progress / "step_0000003.png").read_bytes()
     assert seen["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7,
                                        8, 8, 8, 9, 9, 9]
     assert (seen["settings"].steps, seen["settings"].guidance_scale) == (4, 1.0)  # train.progress_* settings

@@ -10,7 +10,10 @@ run code, and one that would need to is refused.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -84,10 +87,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; run the train stage first (dvc repro) or pass the right path")
     try:
-        ckpt = load_weights_only(path, map_location=map_location)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = load_weights_only(path, map_location=map_location)
     except pickle.UnpicklingError as err:
         raise _unpickling_error(path, str(err)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - torch.load fails on damaged files with struct.error, IndexError...
         if "CUDA" in str(err):  # a healthy file mapped onto a device this machine lacks
             raise UserError(f"cannot load checkpoint {path} onto {map_location!r}: {err}; use a CPU device") from None
         raise _corrupt_error(path, str(err) or type(err).__name__) from None
@@ -97,22 +102,51 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 def _corrupt_error(path: Path, detail: str) -> UserError:
     """The file exists but is not a complete checkpoint (an interrupted copy, a disk error, another format)."""
+    detail = (detail.strip().splitlines() or ["unreadable"])[0]
     return UserError(
-        f"checkpoint {path} is truncated or corrupt ({detail.strip().splitlines()[0]}); "
-        "delete it and retrain, or resume from an earlier checkpoint"
+        f"checkpoint {path} is truncated or corrupt ({detail}); delete it and retrain, or resume from an earlier "
+        "checkpoint"
     )
 
 
 def _unpickling_error(path: Path, message: str) -> UserError:
-    """weights_only refused the file: either it names code to run (an "Unsupported global") or it is garbage."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    if match is None:
+    """weights_only refused the file: a well-formed pickle holding objects it will not build, or garbage."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", message)
+    names = [next(g for g in match.groups() if g)] if match else _pickled_globals(path)
+    if names is None:
         return _corrupt_error(path, "not a readable torch file")
+    if not names:
+        return UserError(f"{path} is a pickle that safe loading cannot read, not a ddpm checkpoint; pass a file "
+                         "written by train")
+    what = f" ({', '.join(names[:3])})" if names else ""
     return UserError(
-        f"checkpoint {path} holds a {match.group(1)} object, which needs code to unpickle, so it was refused "
-        "(safe loading only accepts tensors and plain data); it was not written by this project's train stage: "
-        "delete it and retrain"
+        f"checkpoint {path} holds objects that are not plain tensors or data{what}, so it was refused for safety "
+        "(loading it would run code); it was not written by this project's train stage: delete it and retrain"
     )
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The classes/functions a pickle (or a torch zip file's data.pkl) refers to, read without unpickling;
+    None when the bytes are not a well-formed pickle (then the file is damaged, not dangerous)."""
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            inner = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not inner:
+                return None
+            data = z.read(inner[0])
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - pickletools raises ValueError and others on garbage
+        return None
+    return names
 
 
 def _check_format(ckpt: Any, path: Path) -> None:

@@ -57,8 +57,9 @@ def guided(model: ModelFn, guidance_scale: float, null_label: int | None) -> Mod
             raise ValueError("classifier-free guidance needs class labels y; pass labels or use guidance scale 0")
         null = torch.full_like(y, null_label)  # (B,)
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, ...)
-        cond, uncond = out.chunk(2)  # (B, ...) each
-        return (1.0 + w) * cond - w * uncond  # (B, ...)
+        cond, uncond = out.float().chunk(2)  # (B, ...) each, fp32 even under bf16/fp16 autocast
+        # in fp32: at w = 4 a bf16 difference of two close predictions would lose most of its bits
+        return (1.0 + w) * cond - w * uncond  # (B, ...) float32
 
     return model_fn
 
@@ -133,8 +134,8 @@ def ddim_sample(
 
     Returns (x0, {t: x_t}) like `ddpm_sample`.
     """
-    if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # above 1, 1 - ab_prev - sigma^2 (the squared weight of eps below) can go negative
+        raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
     process, kept = _process(diffusion, steps)
     _check_record(record, kept)
     device = diffusion.betas.device

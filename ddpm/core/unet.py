@@ -203,6 +203,17 @@ class UNet(nn.Module):
             raise ValueError("this U-Net is unconditional (model.num_classes=0): pass y=None")
         if y.shape != (x.shape[0],) or y.is_floating_point():
             raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        # the range check reads y back: free on the CPU, a host sync on a GPU, so it is skipped only in the
+        # GPU training step (whose labels come from the validated prepared data), for shape-only meta tensors
+        # (FLOP counting) and under torch.compile
+        checkable = y.device.type == "cpu" or (not self.training and y.device.type != "meta")  # meta: no values
+        if checkable and not torch.compiler.is_compiling() and y.numel():
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high > self.num_classes:
+                raise ValueError(
+                    f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = no class), "
+                    f"got values in [{low}, {high}]"
+                )
 
     def _embedding(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Time MLP output plus the class embedding (y=None on a conditional network means the null label)."""

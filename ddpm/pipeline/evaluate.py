@@ -41,11 +41,12 @@ from ddpm.evaluation.metrics import (
 )
 from ddpm.pipeline.devices import resolve_device
 from ddpm.pipeline.layout import Layout
-from ddpm.pipeline.sample import check_steps, evaluation_set, load_model, load_samples
-from ddpm.tracking.files import read_run_id, write_metrics, write_tsv
+from ddpm.pipeline.sample import check_steps, evaluation_set, load_model, load_samples, pipeline_tracker
+from ddpm.tracking.files import write_metrics, write_tsv
 from ddpm.tracking.tracker import Tracker
 
-SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
+SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall", "fid",
+                 "fid_samples"]
 
 
 def classifier_stage(cfg: Config, paths: Layout) -> dict:
@@ -83,17 +84,41 @@ def fid_stats_stage(cfg: Config, paths: Layout) -> dict:
     return {"fid_reference_images": int(len(feats))}
 
 
+def count_tag(n: int) -> str:
+    """How a metric name states its sample count: 50000 -> '50k', 2000 -> '2k', 500 -> '500'."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def equal_size(n: int, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded subsample of `n` out of `size` items (all of them when n >= size)."""
+    if n >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values  # (n,)
+
+
 def offline_metrics(classifier, images: torch.Tensor, labels: torch.Tensor, real_feats: np.ndarray,
-                    num_classes: int, k: int) -> dict:
-    """Class accuracy, classifier-feature Fréchet distance and precision/recall of uint8 samples."""
+                    num_classes: int, k: int, seed: int) -> dict:
+    """Class accuracy (conditional samples only), classifier-feature Fréchet distance and precision/recall of
+    uint8 samples against real features; FD and precision/recall compare equal-size sets (a seeded subsample
+    of the larger), because both depend on set size, and their names carry that size (`fd_classifier_2k`)."""
     device = next(classifier.parameters()).device
-    pred = predict(classifier, images, batch_size=500, device=device)  # (N,)
-    acc, per_class = class_accuracy(pred, labels, num_classes)
-    feats = extract_features(classifier, images, batch_size=500, device=device)  # (N, D)
-    fd = frechet_distance(*feature_statistics(feats), *feature_statistics(real_feats))
-    precision, recall = precision_recall(real_feats, feats, k=k)
-    return {"class_accuracy": acc, "class_accuracy_per_class": per_class, "fd_classifier": fd,
-            "precision": precision, "recall": recall}
+    out: dict = {}
+    if labels.min() >= 0:  # an unconditional model's samples are labelled -1: there is nothing to check
+        # every sample: an accuracy's expectation does not depend on the count, only its noise does
+        pred = predict(classifier, images, batch_size=500, device=device)  # (N,)
+        out["class_accuracy"], out["class_accuracy_per_class"] = class_accuracy(pred, labels, num_classes)
+    n = min(len(images), len(real_feats))
+    images = images[equal_size(n, len(images), seed)]  # (n, C, H, W)
+    real_feats = real_feats[equal_size(n, len(real_feats), seed + 1).numpy()]  # (n, D)
+    feats = extract_features(classifier, images, batch_size=500, device=device)  # (n, D)
+    tag = count_tag(n)
+    out[f"fd_classifier_{tag}"] = frechet_distance(*feature_statistics(feats), *feature_statistics(real_feats))
+    out[f"precision_{tag}"], out[f"recall_{tag}"] = precision_recall(real_feats, feats, k=k)
+    out["num_compared"] = n
+    return out
+
+
+UNCONDITIONAL = "skipped: the model is unconditional (model.num_classes: 0), its samples have no class labels"
 
 
 class _FidScorer:
@@ -109,31 +134,54 @@ class _FidScorer:
                                            allow_download=cfg.evaluate.download_inception)
 
     def __call__(self, images: torch.Tensor) -> dict:
-        """Standard FID against the training statistics and the Inception Score of uint8 images."""
+        """FID and Inception Score of uint8 images, named by their count (`fid_50k`).
+
+        FID follows the published protocol: the generated set against the statistics of the whole training
+        set (the fid_stats stage), so FID-50k on CIFAR-10 compares 50k with 50k.
+        """
         feats, logits = inception_outputs(self.extractor, images, batch_size=200)
         is_mean, is_std = inception_score(logits)
-        return {"fid": fid_from_features(feats, self.mu, self.sigma), "inception_score": is_mean,
-                "inception_score_std": is_std}
+        tag = count_tag(len(images))
+        return {f"fid_{tag}": fid_from_features(feats, self.mu, self.sigma), f"inception_score_{tag}": is_mean,
+                f"inception_score_std_{tag}": is_std}
 
 
 def evaluate_stage(cfg: Config, paths: Layout, sweep: list[float] | None = None) -> dict:
-    """Metrics of the sample stage's images, the real-data floor, FID/IS if on, and the guidance sweep."""
+    """Metrics of the sample stage's images, the real-data floor, FID/IS if on, and the guidance sweep.
+
+    The MLflow run is open while scoring (FAILED on a crash, KILLED on SIGINT/SIGTERM); inputs are read first,
+    so unreadable ones stop the stage before it touches any run.
+    """
     data = load_prepared(paths.prepared)
     classifier = load_classifier(paths.classifier, resolve_device(cfg.train.device))
     images, labels, meta = load_samples(paths.samples)
+    with pipeline_tracker(cfg, paths, paths.sample_run) as tracker:
+        metrics, rows = _evaluate(cfg, paths, data, classifier, images, labels, meta, sweep)
+        write_metrics(paths.eval_metrics, metrics)
+        _write_sweep(paths.sweep, rows)
+        _log(tracker, paths, metrics, rows)
+    return metrics
+
+
+def _evaluate(cfg: Config, paths: Layout, data, classifier, images, labels, meta: dict,
+              sweep: list[float] | None) -> tuple[dict, list[dict]]:
+    """The metrics of eval.json and the rows of the guidance sweep."""
     device = next(classifier.parameters()).device
-    n_real = min(len(images), len(data.eval_images))
-    real = data.eval_images[:n_real]
-    real_feats = extract_features(classifier, real, batch_size=500, device=device)
+    real_feats = extract_features(classifier, data.eval_images, batch_size=500, device=device)  # (M, D)
     k, num_classes = cfg.evaluate.pr_k, len(data.class_names)
-    metrics = offline_metrics(classifier, images, labels, real_feats, num_classes, k)
-    metrics["class_accuracy_per_class"] = dict(zip(data.class_names, metrics["class_accuracy_per_class"], strict=True))
-    # the floor: the same distance between two sets of REAL images of the same size (held-out vs. train)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_idx = torch.randperm(len(data.train_images), generator=gen)[:n_real]
+    metrics = offline_metrics(classifier, images, labels, real_feats, num_classes, k, cfg.seed)
+    if "class_accuracy" in metrics:
+        metrics["class_accuracy_per_class"] = dict(zip(data.class_names, metrics["class_accuracy_per_class"],
+                                                       strict=True))
+    else:
+        metrics["class_accuracy"] = UNCONDITIONAL
+    # the floor: the same distance between two equal-size sets of REAL images (held-out vs. train)
+    n = metrics["num_compared"]
+    real_n = real_feats[equal_size(n, len(real_feats), cfg.seed + 1).numpy()]  # the real set compared above
+    train_idx = equal_size(n, len(data.train_images), cfg.seed)
     train_feats = extract_features(classifier, data.train_images[train_idx], batch_size=500, device=device)
-    metrics["fd_classifier_floor"] = frechet_distance(*feature_statistics(train_feats),
-                                                      *feature_statistics(real_feats))
+    metrics[f"fd_classifier_floor_{count_tag(n)}"] = frechet_distance(*feature_statistics(train_feats),
+                                                                      *feature_statistics(real_n))
     # the classifier on ALL held-out real images: equals its own accuracy in metrics/classifier.json
     metrics["real_class_accuracy"] = class_accuracy(
         predict(classifier, data.eval_images, batch_size=500, device=device), data.eval_labels, num_classes)[0]
@@ -141,17 +189,21 @@ def evaluate_stage(cfg: Config, paths: Layout, sweep: list[float] | None = None)
     if fid is not None:
         metrics.update(fid(images))
     metrics["sample_settings"] = meta
-    rows = _guidance_sweep(cfg, paths, classifier, real_feats, num_classes,
-                           cfg.evaluate.guidance_sweep if sweep is None else sweep, fid)
-    _write_sweep(paths.sweep, rows)
-    write_metrics(paths.eval_metrics, metrics)
-    _log(cfg, paths, metrics, rows)
-    return metrics
+    scales = cfg.evaluate.guidance_sweep if sweep is None else sweep
+    if labels.min() < 0:
+        metrics["guidance_sweep"] = UNCONDITIONAL
+        scales = []
+    rows = _guidance_sweep(cfg, paths, classifier, real_feats, num_classes, scales, fid)
+    return metrics, rows
 
 
 def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarray, num_classes: int,
                     scales: list[float], fid: _FidScorer | None) -> list[dict]:
-    """One row of offline metrics (and FID when on) per guidance scale, on fresh samples."""
+    """One row of offline metrics (and FID when on) per guidance scale, on fresh samples.
+
+    The plot file's columns keep plain names (dvc.yaml's plot names them) and its `samples` column gives the
+    size of each compared set; eval.json, MLflow and `ddpm compare` carry the size in the name instead.
+    """
     if not scales:
         return []
     configure_backends(cfg.train.deterministic)
@@ -161,34 +213,40 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
     for w in scales:
         settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w)
         images, labels = evaluation_set(lm, settings, cfg.evaluate.sweep_samples, cfg.seed + 2,
-                                        cfg.sample.batch_size, cfg.train.precision)
-        m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k)
-        row = {"guidance_scale": w, **{c: m[c] for c in SWEEP_COLUMNS[1:5]}}
+                                        cfg.sample.batch_size, cfg.sample.precision)
+        m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k, cfg.seed)
+        tag = count_tag(m["num_compared"])
+        row = {"guidance_scale": w, "samples": m["num_compared"], "class_accuracy": m["class_accuracy"],
+               "fd_classifier": m[f"fd_classifier_{tag}"], "precision": m[f"precision_{tag}"],
+               "recall": m[f"recall_{tag}"]}
         if fid is not None:
-            row["fid"] = fid(images)["fid"]
+            row["fid"] = fid(images)[f"fid_{count_tag(len(images))}"]
+            row["fid_samples"] = len(images)
         rows.append(row)
     return rows
 
 
 def _write_sweep(path: Path, rows: list[dict]) -> None:
-    columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)] or SWEEP_COLUMNS[:5]
+    columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)] or SWEEP_COLUMNS[:6]
     write_tsv(path, columns, rows)
 
 
-def _log(cfg: Config, paths: Layout, metrics: dict, rows: list[dict]) -> None:
+def sweep_metric_names(row: dict) -> dict[str, float]:
+    """A sweep row as MLflow metrics: `sweep_fd_classifier_2k`, `sweep_fid_2k`, `sweep_class_accuracy`..."""
+    tag, fid_tag = count_tag(int(row["samples"])), count_tag(int(row.get("fid_samples", 0)))
+    out = {"sweep_class_accuracy": row["class_accuracy"]}
+    for key in ("fd_classifier", "precision", "recall"):
+        out[f"sweep_{key}_{tag}"] = row[key]
+    if "fid" in row:
+        out[f"sweep_fid_{fid_tag}"] = row["fid"]
+    return out
+
+
+def _log(tracker: Tracker, paths: Layout, metrics: dict, rows: list[dict]) -> None:
     """Final metrics (and the sweep, stepped by guidance scale x 100) into the pipeline's MLflow run."""
-    run_id = read_run_id(paths.sample_run)
-    if not run_id:
-        return
-    # the sample stage's run, or a new child of the training run when the evaluate params changed since
-    tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
-    try:
-        scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-        tracker.log_final(scalars)
-        for r in rows:
-            tracker.log_metrics({f"sweep_{k}": v for k, v in r.items() if k != "guidance_scale"},
-                                step=int(round(r["guidance_scale"] * 100)))
-        tracker.log_artifact(paths.eval_metrics)
-        tracker.log_artifact(paths.sweep)
-    finally:
-        tracker.finish("FINISHED")
+    scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    tracker.log_final(scalars)
+    for r in rows:
+        tracker.log_metrics(sweep_metric_names(r), step=int(round(r["guidance_scale"] * 100)))
+    tracker.log_artifact(paths.eval_metrics)
+    tracker.log_artifact(paths.sweep)

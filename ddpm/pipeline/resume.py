@@ -2,23 +2,38 @@
 
 DVC deletes a stage's (non-persistent) outputs before running it and `dvc exp run` checks out the
 baseline's outputs, so resume state lives outside every DVC output: in
-`<repo root>/.resume/<key>/`, where the key hashes every training-relevant param and the dataset's
+`<store root>/.resume/<key>/`, where the key hashes every training-relevant param and the dataset's
 content hash. Changing any of them gives another key, so a run never resumes from an incompatible
 checkpoint. Two files are kept while training (`last.pt` and `previous.pt`, so a corrupt last one
 falls back to the one before); a finished run keeps only `last.pt`.
+
+The store root is the parent repository under `dvc exp run --temp/--queue` (`DVC_ROOT`), not the
+temporary copy the stage runs in, which DVC deletes: a killed queued experiment resumes when it is
+queued again, and the key keeps experiments apart. Two experiments with the same training params
+(e.g. a sweep over `sample.*` run with `dvc queue start -j 2`) share one key: `exclusive()` makes the
+second wait for the first, then it finds the finished checkpoint and only writes the outputs.
+
+`run.json` records the MLflow run id as soon as the run is created, before the first checkpoint, so a
+run killed before it checkpointed is continued (same MLflow run, same TensorBoard dir) by the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ddpm.config import Config
+from ddpm.core.atomic import write_text
 from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.errors import UserError
+from ddpm.tracking.store import store_root
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +46,9 @@ def resume_key(cfg: Config, data_hash: str) -> str:
 
 
 def resume_root(repo_root: Path) -> Path:
-    """The `.resume/` folder of the repository (git- and DVC-ignored)."""
-    return repo_root / ".resume"
+    """The `.resume/` folder (git- and DVC-ignored) of the store root: the parent repository under
+    `dvc exp run --temp/--queue`, else `repo_root` (see the module docstring)."""
+    return store_root(repo_root) / ".resume"
 
 
 class ResumeStore:
@@ -42,6 +58,8 @@ class ResumeStore:
         self.dir = directory
         self.last = directory / "last.pt"
         self.previous = directory / "previous.pt"
+        self.run_info = directory / "run.json"
+        self.progress = directory / "progress"  # copies of the progress grids, for a resume elsewhere
 
     def load(self, map_location: Any = "cpu") -> dict | None:
         """The newest readable checkpoint, or None for a fresh start; a corrupt last one falls back."""
@@ -60,6 +78,42 @@ class ResumeStore:
         if self.last.exists():
             self.last.replace(self.previous)
         save_checkpoint(self.last, payload)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this configuration's lock while training: a second process with the same key waits.
+
+        An flock, so the kernel releases it when the holder dies (even by SIGKILL).
+        """
+        import fcntl  # POSIX only
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another training of the same params to finish ({self.dir})", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def recorded_run_id(self) -> str | None:
+        """The MLflow run id a start with this key created (None when none was recorded)."""
+        if not self.run_info.is_file():
+            return None
+        try:
+            return json.loads(self.run_info.read_text()).get("mlflow_run_id") or None
+        except (ValueError, AttributeError):
+            return None  # a damaged record only costs the continuity of the MLflow run
+
+    def record_run_id(self, run_id: str | None) -> None:
+        """Remember the MLflow run right after it is created (atomic write)."""
+        if not run_id:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.run_info, json.dumps({"mlflow_run_id": run_id, "pid": os.getpid()}) + "\n")
 
     def finish(self) -> None:
         """A finished run keeps only its last checkpoint."""

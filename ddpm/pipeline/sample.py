@@ -43,13 +43,14 @@ class LoadedModel:
     step: int  # training steps behind these weights
 
 
-def load_model(checkpoint: Path, cfg: Config) -> LoadedModel:
-    """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params).
+def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> LoadedModel:
+    """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params), checking
+    that the device supports the sampling `precision` (default `sample.precision`).
 
     Run under `configure_backends`, which the workflow calls first (it sets process-wide torch flags).
     """
     device = resolve_device(cfg.train.device)
-    check_precision(cfg.train.precision, device)
+    check_precision(precision or cfg.sample.precision, device)
     ckpt = load_checkpoint(checkpoint)
     train_cfg, model, diffusion = load_ema_model(checkpoint, device, ckpt=ckpt)
     if cfg.train.channels_last:
@@ -103,7 +104,8 @@ def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, see
 
 def evaluation_set(lm: LoadedModel, settings: SamplerSettings, num: int, seed: int, batch_size: int,
                    precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` class-balanced conditional samples: uint8 images (N, C, H, W) and their labels (N,)."""
+    """`num` class-balanced conditional samples: uint8 images (N, C, H, W) and their labels (N,); an
+    unconditional model's samples have label -1 (no class)."""
     k = lm.config.model.num_classes
     labels = balanced_labels(num, k) if k else None
     images, _ = generate(lm.model, lm.diffusion, labels, settings, num=num, device=lm.device, seed=seed,
@@ -125,12 +127,33 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), json.loads(str(z["meta"]))
 
 
+def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path) -> Tracker:
+    """The tracker of a sample or evaluate stage, to be entered before the work starts: the MLflow run that
+    `run_info` names (re-opened, or a new child of the training run when these params are not the ones it
+    logged), or a tracker that logs nothing when the pipeline has no MLflow run."""
+    run_id = read_run_id(run_info)
+    if not run_id:
+        return Tracker()
+    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
+
+
 def sample_stage(cfg: Config, paths: Layout) -> dict:
     """The sample stage: grid, denoising picture and evaluation set, logged into the training's MLflow run (or a
-    child of it when these params are not the ones it logged); `samples/run.json` names that run for evaluate."""
+    child of it when these params are not the ones it logged); `samples/run.json` names that run for evaluate.
+
+    The run is open while sampling, so a crash marks it FAILED and SIGINT/SIGTERM KILLED. The checkpoint is
+    loaded first: an unreadable one is bad input, which stops the stage before it touches any run."""
     configure_backends(cfg.train.deterministic)
-    lm = load_model(paths.ema, cfg)
-    sc, precision = cfg.sample, cfg.train.precision
+    lm = load_model(paths.ema, cfg, cfg.sample.precision)
+    with pipeline_tracker(cfg, paths, paths.train_run) as tracker:
+        meta = _sample(cfg, paths, lm, tracker)
+        write_run_id(paths.sample_run, tracker.run_id)
+    return meta
+
+
+def _sample(cfg: Config, paths: Layout, lm: LoadedModel, tracker: Tracker) -> dict:
+    """Generate and write the stage's pictures and evaluation set; log the pictures."""
+    sc, precision = cfg.sample, cfg.sample.precision
     settings = SamplerSettings.from_config(sc)
     check_steps(lm, settings.steps, "sample.steps")
     classes = list(range(max(lm.config.model.num_classes, 1)))
@@ -138,23 +161,13 @@ def sample_stage(cfg: Config, paths: Layout) -> dict:
     denoise = denoise_picture(lm, settings, sc.denoise_frames, cfg.seed, precision)
     images, labels = evaluation_set(lm, settings, sc.num_samples, cfg.seed + 1, sc.batch_size, precision)
     meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "eta": settings.eta,
-            "guidance_scale": settings.guidance_scale, "class_names": lm.class_names}
+            "guidance_scale": settings.guidance_scale, "precision": precision, "class_names": lm.class_names}
     save_png(paths.grid, grid)
     save_png(paths.denoise, denoise)
     save_samples(paths.samples, images, labels, meta)
-    run_id = read_run_id(paths.train_run)
-    if run_id:
-        # the training's run, or a new child run of it when these sampling params are not the ones it logged
-        tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={},
-                                new_run_if_params_differ=True)
-        try:
-            tracker.log_image("samples/grid", grid, step=lm.step)
-            tracker.log_artifact(paths.grid)
-            tracker.log_artifact(paths.denoise)
-        finally:
-            tracker.finish("FINISHED")
-        run_id = tracker.run_id
-    write_run_id(paths.sample_run, run_id)
+    tracker.log_image("samples/grid", grid, step=lm.step)
+    tracker.log_artifact(paths.grid)
+    tracker.log_artifact(paths.denoise)
     return meta
 
 
@@ -174,7 +187,7 @@ def sample_cli(cfg: Config, args) -> None:
     else:
         classes = [0]
     seed = cfg.seed if args.seed is None else args.seed
-    grid = class_grid(lm, settings, classes, args.n, seed, sc.batch_size, cfg.train.precision)
+    grid = class_grid(lm, settings, classes, args.n, seed, sc.batch_size, sc.precision)
     save_png(args.out, grid)
     print(f"wrote {args.out}: {len(classes)} row(s) x {args.n}, {settings}")
 

@@ -12,7 +12,7 @@ import logging
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
 from ddpm.data.datasets import check_class_count, load_prepared
-from ddpm.errors import UserError
+from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
@@ -48,14 +48,6 @@ from ddpm.tracking.tracker import TRAIN_FINAL_PREFIX, Tracker
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run was checkpointed."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved, run again to resume")
-        self.signum = signum
 
 
 @contextmanager
@@ -204,33 +196,37 @@ def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> di
     run = _build(cfg, ranks, device, data)
     run.class_names = list(data.class_names)
     store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash))
+    with store.exclusive() if ranks.is_main else nullcontext():
+        return _train_locked(run, store, paths, data.content_hash)
+
+
+def _train_locked(run: Run, store: ResumeStore, paths: Layout, data_hash: str) -> dict:
+    """Resume (or start), open the MLflow run before any work, train, write the outputs; the run ends with
+    the tracker (FINISHED / KILLED / FAILED)."""
+    cfg, ranks, device = run.cfg, run.ranks, run.device
     ckpt = store.load(map_location=device)
     if ckpt is not None:
         run.restore(ckpt)
         if ranks.is_main:
             log.info("resuming from %s at step %d", store.dir, run.step)
+            _restore_progress(store, paths)
     elif ranks.is_main:
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
-    if ranks.is_main:
-        _warn_disk(cfg, paths.root, run.model)
-    tracker = Tracker.start(
-        cfg, paths.root, run_name=None, run_id=run.run_id, tags=_tags(data.content_hash, device),
-        resume_step=run.step if ckpt is not None else None,
-    ) if ranks.is_main else None
-    if tracker is not None:
+        shutil.rmtree(store.progress, ignore_errors=True)
+    if not ranks.is_main:
+        _loop(run, store, None, paths, data_hash)
+        return {}
+    _warn_disk(cfg, paths.root, run.model)
+    # killed before its first checkpoint: continue the MLflow run (and TensorBoard dir) that start created
+    orphan = store.recorded_run_id() if ckpt is None else None
+    run_id = run.run_id or orphan
+    resume_step = run.step if ckpt is not None else (0 if orphan else None)
+    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=_tags(data_hash, device),
+                       resume_step=resume_step) as tracker:
         run.run_id = tracker.run_id
-    status = "FAILED"
-    try:
-        timing = _loop(run, store, tracker, paths, data.content_hash)
-        metrics = _finish(run, store, tracker, paths, timing) if ranks.is_main else {}
-        status = "FINISHED"
-        return metrics
-    except Interrupted:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.finish(status)
+        store.record_run_id(tracker.run_id)
+        timing = _loop(run, store, tracker, paths, data_hash)
+        return _finish(run, store, tracker, paths, timing)
 
 
 def _tags(data_hash: str, device: torch.device) -> dict[str, str]:
@@ -268,10 +264,10 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
                 t_log, step_log = now, run.step
                 _log(run, tracker, bar, ips, paths, monitor)
             if main and cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
-                _progress_grid(run, tracker, paths)
+                _progress_grid(run, tracker, paths, store)
             if flag:
                 _checkpoint(run, store, data_hash)
-                raise Interrupted(flag[0])
+                raise Interrupted(flag[0], "checkpoint saved, run again to resume")
             if run.step % cfg.train.checkpoint_every == 0 and run.step < cfg.train.steps:
                 _checkpoint(run, store, data_hash)
     bar.close()
@@ -307,7 +303,21 @@ def _write_plot(path: Path, rows: list[dict[str, float]]) -> None:
     write_tsv(path, PLOT_COLUMNS, rows)
 
 
-def _progress_grid(run: Run, tracker, paths: Layout) -> None:
+def _restore_progress(store: ResumeStore, paths: Layout) -> None:
+    """Copy the progress grids kept beside the checkpoint that the stage's folder lacks.
+
+    A resumed run can be in another directory than the attempt it continues (a re-queued DVC experiment
+    runs in a fresh temporary copy), where the persistent `samples/progress/` output starts empty.
+    """
+    if not store.progress.is_dir():
+        return
+    paths.progress.mkdir(parents=True, exist_ok=True)
+    for png in store.progress.glob("step_*.png"):
+        if not (paths.progress / png.name).exists():
+            shutil.copy2(png, paths.progress / png.name)
+
+
+def _progress_grid(run: Run, tracker, paths: Layout, store: ResumeStore) -> None:
     """Sample the same seeds with the EMA model: one row per class (the seed's table over training)."""
     cfg = run.cfg
     k = cfg.model.num_classes or 1
@@ -322,6 +332,7 @@ def _progress_grid(run: Run, tracker, paths: Layout) -> None:
     )
     grid = grid_hwc(images, nrow=per_class)
     save_png(paths.progress / f"step_{run.step:07d}.png", grid)
+    save_png(store.progress / f"step_{run.step:07d}.png", grid)  # for a resume in another directory
     if tracker is not None:
         tracker.log_image("progress", grid, step=run.step)
 
@@ -336,6 +347,10 @@ def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
 def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) -> dict:
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
     store.finish()
+    # a run resumed from a finished (or late) checkpoint in a fresh directory logs nothing more: write
+    # every output from the state itself
+    _write_plot(paths.loss_plot, run.plot_rows)
+    paths.progress.mkdir(parents=True, exist_ok=True)
     save_checkpoint(paths.ema, {
         "format_version": FORMAT_VERSION, "config": run.cfg.training_dict(), "step": run.step,
         "ema": run.ema.state_dict(), "class_names": run.class_names,

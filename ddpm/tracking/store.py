@@ -29,10 +29,14 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def store_root(repo_root: Path) -> Path:
-    """The directory that holds mlflow.db, mlartifacts/ and logs/: `DVC_ROOT` when set, else `repo_root`.
+    """The directory of the shared stores (mlflow.db, mlartifacts/, logs/, .resume/): `DVC_ROOT` when set,
+    else `repo_root` (the directory the stage runs in).
 
-    `dvc exp run --temp/--queue` runs each experiment in a temporary copy that is deleted
-    afterwards; DVC points `DVC_ROOT` at the real repository, so the store must follow it.
+    `dvc exp run --temp/--queue` runs each experiment in a temporary copy under `.dvc/tmp/exps/` that
+    is deleted afterwards, with the copy as the current directory and `DVC_ROOT` pointing at the parent
+    repository (dvc/repo/experiments/queue/base.py); plain `dvc repro` sets `DVC_ROOT` to the repository
+    itself. So a stage reads params and writes its outputs in the current directory, and only what must
+    outlive the copy lives here.
     """
     return Path(os.environ.get("DVC_ROOT") or repo_root).resolve()
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddpm.config import Config, flatten
-from ddpm.errors import UserError
+from ddpm.errors import Interrupted, UserError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -58,6 +60,21 @@ _METRICS_PER_BATCH = 1000  # ... and for metrics
 _MAX_PENDING = 32  # async metric batches in flight before we wait on them (bounds memory)
 TRAIN_FINAL_PREFIX = "train_"  # the train stage's final metrics (log_final) carry this prefix
 _TB_DIR_TAG = "ddpm.tensorboard_dir"  # so a re-opened run writes into its own TensorBoard dir
+
+
+def exit_status(exc_type: type[BaseException] | None) -> RunStatus:
+    """How a run ends: FINISHED without an exception, KILLED for an interruption, FAILED otherwise."""
+    if exc_type is None:
+        return "FINISHED"
+    if issubclass(exc_type, Interrupted | KeyboardInterrupt | SystemExit):
+        return "KILLED"
+    return "FAILED"
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum, "the MLflow run is marked KILLED; run the stage again")
+
+
 def _tb_hparams(params: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
     """TensorBoard accepts only scalars and strings as hyperparameters: lists and None become text."""
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
@@ -69,10 +86,12 @@ def _tb_hparams(params: Mapping[str, Any]) -> dict[str, int | float | str | bool
 
 
 class Tracker:
-    """One pipeline run in MLflow + TensorBoard. Build it with `Tracker.start`; end it with `finish`.
+    """One pipeline run in MLflow + TensorBoard. Build it with `Tracker.start`, use it as a context manager.
 
-    Used as a context manager it finishes with FINISHED, KILLED (KeyboardInterrupt/SystemExit)
-    or FAILED (any other exception).
+    The one way a stage ends its run: `with Tracker.start(...) as tracker:` opened before the work, it
+    finishes with FINISHED on success, KILLED on an interruption (SIGINT/SIGTERM, which raise
+    `Interrupted` from `start` until the run ends, or KeyboardInterrupt/SystemExit) and FAILED on any other exception.
+    `Tracker()` is a tracker that logs nothing (a stage whose pipeline run has no MLflow run).
     """
 
     def __init__(self) -> None:
@@ -88,6 +107,7 @@ class Tracker:
         self._final: dict[str, float] = {}
         self._last_step = 0
         self._finished = False
+        self._old_handlers: dict[int, Any] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -123,10 +143,15 @@ class Tracker:
         all_tags = {**git_tags(repo_root), **dvc_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         if resume_step is not None:
             self._last_step = resume_step
-        if cfg.tracking.mlflow:
-            self._start_mlflow(cfg, repo_root, run_id, params, all_tags, new_run_if_params_differ)
-        if cfg.tracking.tensorboard:
-            self._start_tensorboard(store_root(repo_root), resume_step)
+        self._catch_signals()  # before the run exists: a SIGTERM from now on ends it KILLED, never RUNNING
+        try:
+            if cfg.tracking.mlflow:
+                self._start_mlflow(cfg, repo_root, run_id, params, all_tags, new_run_if_params_differ)
+            if cfg.tracking.tensorboard:
+                self._start_tensorboard(store_root(repo_root), resume_step)
+        except BaseException as err:
+            self.finish(exit_status(type(err)))
+            raise
         return self
 
     def _start_mlflow(
@@ -246,22 +271,31 @@ class Tracker:
             name = f"{name}-{suffix}"
         return name
 
+    def _catch_signals(self) -> None:
+        """Turn SIGINT/SIGTERM into `Interrupted` from `start` to `finish`, so the run ends KILLED, not RUNNING.
+
+        (Training installs its own handlers around its loop to checkpoint first; they raise `Interrupted` too.)
+        """
+        if threading.current_thread() is threading.main_thread():
+            self._old_handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _release_signals(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}
+
     def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
-            self.finish("KILLED")
-        else:
-            self.finish("FAILED")
+        self.finish(exit_status(exc_type))
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
         """Flush everything, end the MLflow run with `status` and close TensorBoard (idempotent)."""
         if self._finished:
             return
         self._finished = True
+        self._release_signals()
         if self._system_monitor is not None:
             self._system_monitor.finish()
         self.flush()
