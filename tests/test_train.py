@@ -89,7 +89,9 @@ def test_train_writes_declared_outputs(tmp_path):
     assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
     # a finished run keeps only its last resume checkpoint
     store_dir = next(resume_root(tmp_path).iterdir())
-    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt", "lock"]  # lock: see ResumeStore.exclusive
+    # lock: see ResumeStore.exclusive; progress: the grids again, for a resume in another directory
+    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt", "lock", "progress"]
+    assert sorted(p.name for p in (store_dir / "progress").iterdir()) == ["step_0000003.png", "step_0000006.png"]
 
 
 def test_two_clean_runs_are_byte_identical(tmp_path):
