@@ -158,8 +158,8 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     assert sorted(r.data.params["schedule"] for r in runs) == ["cosine", "linear"]
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "loss")) == 3
-        assert "eval_class_accuracy" in r.data.metrics
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 3
+        assert "eval/class_accuracy" in r.data.metrics
         assert len(r.data.tags["mlflow.source.git.commit"]) == 40
         assert r.data.tags["data_hash"]
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -181,8 +181,8 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     child = next(r for r in runs if r.data.params["sample.guidance_scale"] == "2.5")
     assert child.data.tags["mlflow.parentRunId"] == cosine.info.run_id
     assert child.data.params["schedule"] == "cosine" and child.info.status == "FINISHED"
-    assert child.data.metrics["train_loss"] == cosine.data.metrics["train_loss"]
-    assert "eval_class_accuracy" in child.data.metrics and "grid.png" in {
+    assert child.data.metrics["train/final_loss"] == cosine.data.metrics["train/final_loss"]
+    assert "eval/class_accuracy" in child.data.metrics and "grid.png" in {
         a.path for a in client.list_artifacts(child.info.run_id)}
     assert client.get_run(cosine.info.run_id).data.metrics == cosine.data.metrics  # its results untouched
 

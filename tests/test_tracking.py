@@ -220,22 +220,22 @@ def test_sampling_with_other_params_gets_its_own_child_run(repo, client):
     train_cfg = _cfg(tracking=no_tb)
     with Tracker.start(train_cfg, repo, "trained") as trained:
         trained.log_metrics({"loss": 0.5}, step=10)
-        trained.log_final({"train_loss": 0.25})
+        trained.log_final({"train/final_loss": 0.25})
     with Tracker.start(train_cfg, repo, None, run_id=trained.run_id, new_run_if_params_differ=True) as same:
-        same.log_final({"eval_class_accuracy": 0.6})
+        same.log_final({"eval/class_accuracy": 0.6})
     assert same.run_id == trained.run_id  # same params: the pipeline's one run is re-opened
 
     guided = _cfg(tracking=no_tb, sample={"guidance_scale": 2.0})
     with Tracker.start(guided, repo, "guided", run_id=trained.run_id, new_run_if_params_differ=True) as child:
-        child.log_final({"eval_class_accuracy": 0.9})
+        child.log_final({"eval/class_accuracy": 0.9})
     assert child.run_id != trained.run_id
     run = client.get_run(child.run_id)
     assert run.data.tags["mlflow.parentRunId"] == trained.run_id == run.data.tags["ddpm.train_run_id"]
     assert run.data.params["sample.guidance_scale"] == "2.0"
-    assert run.data.metrics["train_loss"] == 0.25  # the training's final metrics come along
-    assert run.data.metrics["eval_class_accuracy"] == 0.9
+    assert run.data.metrics["train/final_loss"] == 0.25  # the training's final metrics come along
+    assert run.data.metrics["eval/class_accuracy"] == 0.9
     original = client.get_run(trained.run_id)
-    assert original.data.metrics["eval_class_accuracy"] == 0.6  # not overwritten
+    assert original.data.metrics["eval/class_accuracy"] == 0.6  # not overwritten
     assert original.data.params["sample.guidance_scale"] == "1.0"
 
     # evaluate re-opens the child when its params match, and derives from the TRAINING run when they don't
@@ -249,7 +249,7 @@ def test_sampling_with_other_params_gets_its_own_child_run(repo, client):
     assert grandchild.run_id not in (child.run_id, trained.run_id)
     assert tags["mlflow.parentRunId"] == trained.run_id
     finals = client.get_run(grandchild.run_id).data.metrics
-    assert finals == {"train_loss": 0.25}  # the training's finals only: no stale evaluation of another setting
+    assert finals == {"train/final_loss": 0.25}  # the training's finals only: no stale evaluation of another setting
 
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])

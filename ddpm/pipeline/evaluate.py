@@ -42,6 +42,7 @@ from ddpm.evaluation.metrics import (
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import evaluation_set, load_model, load_samples
 from ddpm.tracking.files import read_run_id, write_metrics, write_tsv
+from ddpm.tracking.names import EVAL, SWEEP, grouped
 from ddpm.tracking.tracker import Tracker
 
 SWEEP_COLUMNS = ["guidance_scale", "class_accuracy", "fd_classifier", "precision", "recall", "fid"]
@@ -180,10 +181,9 @@ def _log(cfg: Config, paths: Layout, metrics: dict, rows: list[dict]) -> None:
     # the sample stage's run, or a new child of the training run when the evaluate params changed since
     tracker = Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
     try:
-        scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-        tracker.log_final(scalars)
+        tracker.log_final(grouped(EVAL, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
         for r in rows:
-            tracker.log_metrics({f"sweep_{k}": v for k, v in r.items() if k != "guidance_scale"},
+            tracker.log_metrics(grouped(SWEEP, {k: v for k, v in r.items() if k != "guidance_scale"}),
                                 step=int(round(r["guidance_scale"] * 100)))
         tracker.log_artifact(paths.eval_metrics)
         tracker.log_artifact(paths.sweep)

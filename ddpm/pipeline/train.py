@@ -24,7 +24,7 @@ from ddpm.core.checkpoint import save_checkpoint
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.ema import EMA
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
-from ddpm.core.images import grid_hwc, save_png
+from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import (
     Ranks,
     check_precision,
@@ -44,8 +44,9 @@ from ddpm.errors import UserError
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
+from ddpm.tracking.names import TRAIN, final_train, grouped
 from ddpm.tracking.resources import ResourceMonitor
-from ddpm.tracking.tracker import TRAIN_FINAL_PREFIX, Tracker
+from ddpm.tracking.tracker import Tracker
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
 
@@ -223,6 +224,8 @@ def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> di
     ) if ranks.is_main else None
     if tracker is not None:
         run.run_id = tracker.run_id
+        tracker.log_dataset(cfg, paths.prepared, data.content_hash, len(data.train_labels), len(data.eval_labels),
+                            list(data.class_names))
     status = "FAILED"
     try:
         timing = _loop(run, store, tracker, paths, data.content_hash)
@@ -306,7 +309,8 @@ def _log(run: Run, tracker, bar, images_per_s: float, paths: Layout, monitor: Re
     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{images_per_s:.0f}")
     if tracker is not None:
         resources = monitor.sample() if monitor is not None else {}
-        tracker.log_metrics({**stats, "lr": lr, "images_per_s": images_per_s, **resources}, step=run.step)
+        tracker.log_metrics(grouped(TRAIN, {**stats, "lr": lr, "images_per_s": images_per_s, **resources}),
+                            step=run.step)
 
 
 def _write_plot(path: Path, rows: list[list[float]]) -> None:
@@ -326,10 +330,10 @@ def _progress_grid(run: Run, tracker, paths: Layout) -> None:
         run.ema.model, run.diffusion, labels, settings, num=k * per_class,
         device=run.device, seed=cfg.seed, batch_size=tc.batch_size, precision=tc.precision,
     )
-    grid = grid_hwc(images, nrow=per_class)
+    grid = viewable(grid_hwc(images, nrow=per_class))  # small images enlarged for the screen
     save_png(paths.progress / f"step_{run.step:07d}.png", grid)
     if tracker is not None:
-        tracker.log_image("progress", grid, step=run.step)
+        tracker.log_image(f"{TRAIN}/progress", grid, step=run.step)
 
 
 def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
@@ -357,6 +361,6 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     write_metrics(paths.train_metrics, metrics)
     write_run_id(paths.train_run, run.run_id)
     if tracker is not None:
-        tracker.log_final({f"{TRAIN_FINAL_PREFIX}{k}": v for k, v in metrics.items() if k != "timing"})
-        tracker.log_artifact(paths.ema)
+        tracker.log_final(final_train({k: v for k, v in metrics.items() if k != "timing"}))
+        tracker.log_model(paths.ema, run.cfg, registered_name=run.cfg.tracking.register_model)
     return metrics
