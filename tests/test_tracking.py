@@ -26,7 +26,8 @@ from ddpm.tracking.lineage import git_tags
 from ddpm.tracking.store import tracking_uri
 from ddpm.tracking.tracker import Tracker
 
-_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING")
+_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING",
+        "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 
 
 def _cfg(**overrides) -> Config:
@@ -272,6 +273,33 @@ def test_dvc_experiment_env_names_run_and_uses_dvc_root(repo, client, tmp_path, 
     assert run.data.tags["dvc.exp_name"] == "brisk-owl" and run.data.tags["dvc.exp_baseline_rev"] == "0123abcd"
     assert tracker.tensorboard_dir.parent == repo / "logs" / "tensorboard"
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "logs").exists()
+
+
+def test_under_mlflow_run_the_pipeline_logs_into_its_run(repo, client, monkeypatch):
+    """`mlflow run` creates a run and exports MLFLOW_RUN_ID: new, derived and re-opened runs all go into it."""
+    no_tb = {"system_metrics": False, "tensorboard": False}
+    with Tracker.start(_cfg(tracking=no_tb), repo, "earlier-training") as trained:
+        trained.log_final({"train/final_loss": 0.5})
+    exp_id = client.create_experiment("chosen-by-mlflow-run")
+    before = len(client.search_runs([client.get_experiment_by_name("ddpm").experiment_id]))
+    for name, run_id in (("fresh", None), ("resample", trained.run_id)):
+        host = client.create_run(exp_id, run_name=name, tags={"mlflow.source.type": "PROJECT"})
+        monkeypatch.setenv("MLFLOW_RUN_ID", host.info.run_id)
+        guided = _cfg(tracking=no_tb, sample={"guidance_scale": 3.0})
+        with Tracker.start(guided, repo, None, run_id=run_id, new_run_if_params_differ=True) as tracker:
+            tracker.log_metrics({"eval/x": 1.0}, step=0)
+        assert tracker.run_id == host.info.run_id
+        run = client.get_run(host.info.run_id)
+        assert run.info.status == "FINISHED" and run.info.experiment_id == exp_id
+        assert run.data.params["sample.guidance_scale"] == "3.0" and run.data.metrics["eval/x"] == 1.0
+        assert run.data.tags["mlflow.source.type"] == "PROJECT"  # mlflow run's source tags are kept
+    assert run.data.tags["ddpm.train_run_id"] == trained.run_id  # the cached training it sampled
+    assert run.data.metrics["train/final_loss"] == 0.5
+    assert len(client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])) == before  # no own run
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    with pytest.raises(UserError, match="MLFLOW_RUN_ID=0+ names no run"):
+        Tracker.start(_cfg(tracking=no_tb), repo, None)
 
 
 def test_disabled_tracking_touches_nothing(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -143,7 +144,9 @@ def log_ema_model(uri: str, run_id: str, experiment_id: str, checkpoint: Path, c
     import ddpm
     from mlflow.models import Model
 
-    with _fluent_target(uri, experiment_id):
+    with _fluent_target(uri, experiment_id), warnings.catch_warnings():
+        # no input example on purpose: MLflow would validate it by sampling with the full network
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         # `Model.log` is what `mlflow.pyfunc.log_model` calls; unlike it, it takes the run to log into
         return Model.log(
             artifact_path=None,
