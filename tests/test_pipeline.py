@@ -275,5 +275,9 @@ def test_every_mlflow_run_entry_point_logs_into_the_run_mlflow_created(dvc_repo:
     assert sample["train/final_loss"] == main["train/final_loss"]  # the training it sampled, named and copied
     assert runs["sample"].data.tags["ddpm.train_run_id"] == runs["main"].info.run_id
     assert "eval/class_accuracy" in evaluate and evaluate["train/final_loss"] == main["train/final_loss"]
-    assert "train/loss" in train and "train/final_loss" in train
+    # train after main: the finished checkpoint in .resume/ makes it re-finish (no new steps), logged as such
+    assert train["train/final_loss"] == main["train/final_loss"] and "train/loss" not in train
+    assert runs["train"].data.tags["ddpm.train_run_id"] == runs["main"].info.run_id
+    for entry in ("main", "train"):
+        assert len(runs[entry].outputs.model_outputs) == 1, entry  # the EMA model, logged into this run
     assert "grid.png" in {a.path for a in client.list_artifacts(runs["sample"].info.run_id)}

@@ -181,16 +181,19 @@ class Tracker:
         Every pipeline run started under `mlflow run` logs into that run, in the experiment
         `mlflow run --experiment-name` chose, rather than leaving it empty beside a run of its own.
         """
+        from mlflow.exceptions import MlflowException
+
         host_id = os.environ.get(HOST_RUN_ENV)
         if not host_id:
             return None
-        host = self._find(host_id)
-        if host is None:
+        assert self._client is not None
+        try:
+            host = self._client.get_run(host_id)
+        except MlflowException:
             raise UserError(
                 f"{HOST_RUN_ENV}={host_id} names no run in the MLflow store {self.tracking_uri}; point "
                 "MLFLOW_TRACKING_URI at the store `mlflow run` uses, or unset MLFLOW_RUN_ID"
-            )
-        assert self._client is not None
+            ) from None
         self.experiment_id = host.info.experiment_id
         mark_experiment_kind(self._client, self._client.get_experiment(self.experiment_id))
         return host
@@ -408,7 +411,8 @@ class Tracker:
 
         self._drain()  # MLflow copies the run's metrics at `step` into the model
         try:
-            info = log_ema_model(self.tracking_uri, self.run_id, self.experiment_id, checkpoint, cfg,
+            experiment_id = self._client.get_run(self.run_id).info.experiment_id  # a re-opened run's own
+            info = log_ema_model(self.tracking_uri, self.run_id, experiment_id, checkpoint, cfg,
                                  step=self._last_step, registered_name=registered_name)
         except Exception as err:  # noqa: BLE001 - see docstring
             log.warning("MLflow could not log the model %s: %s", checkpoint, err)
