@@ -186,6 +186,7 @@ class TrackingConfig(Section):
     experiment: str = "ddpm"
     log_every: int = Field(100, ge=1)  # loss read back from the device and logged every N steps
     system_metrics: bool = True
+    register_model: str | None = Field(None, min_length=1)  # Model Registry name for the training's EMA model
 
 
 def network_resolutions(model: ModelConfig, image_size: int) -> list[int]:

@@ -100,7 +100,8 @@ def test_sample_cli_writes_the_requested_grid(trained, monkeypatch, capsys):
     from PIL import Image
 
     w, h = Image.open(out).size
-    assert (w, h) == (2 + 2 * 18, 2 + 2 * 18)  # 2 rows (classes) x 2 samples of 16 px, 2 px padding
+    # 2 rows (classes) x 2 samples of 16 px, 2 px padding = 38 px, enlarged 7x (nearest) to reach 256 px
+    assert (w, h) == (7 * (2 + 2 * 18), 7 * (2 + 2 * 18))
     out.unlink()
 
 

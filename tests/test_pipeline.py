@@ -160,12 +160,13 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     assert sorted(r.data.params["schedule"] for r in runs) == ["cosine", "linear"]
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "loss")) == 3
-        assert "eval_class_accuracy" in r.data.metrics and "eval_fd_classifier_20" in r.data.metrics
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 3
+        assert "eval/class_accuracy" in r.data.metrics and "eval/fd_classifier_20" in r.data.metrics
         assert len(r.data.tags["mlflow.source.git.commit"]) == 40
         assert r.data.tags["data_hash"]
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert "ema.pt" in names and "grid.png" in names
+        assert "grid.png" in names  # and ema.pt lives in the logged model:
+        assert len(client.get_run(r.info.run_id).outputs.model_outputs) == 1
     cosine = next(r for r in runs if r.data.params["schedule"] == "cosine")
     assert cosine.data.tags["dvc.exp_name"] == cosine.info.run_name  # named after the DVC experiment
     assert len(cosine.data.tags["dvc.exp_baseline_rev"]) == 40
@@ -183,8 +184,8 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     child = next(r for r in runs if r.data.params["sample.guidance_scale"] == "2.5")
     assert child.data.tags["mlflow.parentRunId"] == cosine.info.run_id
     assert child.data.params["schedule"] == "cosine" and child.info.status == "FINISHED"
-    assert child.data.metrics["train_loss"] == cosine.data.metrics["train_loss"]
-    assert "eval_class_accuracy" in child.data.metrics and "grid.png" in {
+    assert child.data.metrics["train/final_loss"] == cosine.data.metrics["train/final_loss"]
+    assert "eval/class_accuracy" in child.data.metrics and "grid.png" in {
         a.path for a in client.list_artifacts(child.info.run_id)}
     assert client.get_run(cosine.info.run_id).data.metrics == cosine.data.metrics  # its results untouched
 
@@ -202,3 +203,84 @@ def test_mlproject_entry_points_and_conda_pins_match_pyproject():
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     conda_pins = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert [p for p in pins if "==" in p] == [p for p in conda_pins if "==" in p]
+    # no upper cap on Python (a 3.12/3.13 user can install it), and conda agrees
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"] == ">=3.11"
+    assert "python>=3.11" in conda["dependencies"]
+
+
+def test_dvc_yaml_declares_the_ema_model_as_an_artifact():
+    artifact = _dvc_yaml()["artifacts"]["ddpm-ema"]
+    assert artifact["path"] == "models/ema.pt" and artifact["type"] == "model"
+    assert artifact["desc"] and "diffusion" in artifact["labels"]
+    assert any(o == artifact["path"] for o in _declared(_dvc_yaml()["stages"]["train"]))  # a cached output
+
+
+@pytest.mark.slow
+def test_push_then_a_fresh_clone_pulls_the_model_without_running_a_stage(dvc_repo: Path, tmp_path_factory):
+    """The README's *Share and reproduce elsewhere*: a directory as DVC remote, a bare repository as git remote."""
+    dvc = [sys.executable, "-m", "dvc"]
+    shared = tmp_path_factory.mktemp("shared")
+    remote, origin, clone = shared / "dvc-store", shared / "origin.git", shared / "clone"
+    _run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], shared)
+    _run([*dvc, "remote", "add", "-d", "store", str(remote)], dvc_repo)
+    _run([*dvc, "repro"], dvc_repo)
+    _run(["git", "add", "-A"], dvc_repo)
+    _run(["git", "commit", "-qm", "trained"], dvc_repo)
+    _run(["git", "tag", "-a", "ddpm-ema@v0.1.0", "-m", "the first model"], dvc_repo)  # a registry version
+    _run([*dvc, "push"], dvc_repo)
+    _run(["git", "push", "-q", "--follow-tags", str(origin), "HEAD:refs/heads/main"], dvc_repo)
+
+    _run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], shared)
+    assert not (clone / "models" / "ema.pt").exists()
+    _run([*dvc, "pull"], clone)
+    assert (clone / "models/ema.pt").read_bytes() == (dvc_repo / "models/ema.pt").read_bytes()
+    assert (clone / "samples/samples.npz").read_bytes() == (dvc_repo / "samples/samples.npz").read_bytes()
+    status = _run([*dvc, "status"], clone).stdout
+    assert "Data and pipelines are up to date" in status, status
+    dry = _run([*dvc, "repro", "--dry"], clone).stdout
+    assert "didn't change, skipping" in dry and "Running stage" not in dry, dry
+    # the model registry view of the same file: `dvc artifacts get` fetches a version by name from the repository
+    _run([*dvc, "artifacts", "get", str(origin), "ddpm-ema", "--rev", "v0.1.0", "-o", str(shared / "got.pt")],
+         shared)
+    assert (shared / "got.pt").read_bytes() == (dvc_repo / "models/ema.pt").read_bytes()
+
+
+@pytest.mark.slow
+def test_every_mlflow_run_entry_point_logs_into_the_run_mlflow_created(dvc_repo: Path):
+    """`mlflow run . --env-manager local -e ENTRY`: one run per command, in the chosen experiment, none hollow."""
+    import mlflow
+
+    for item in ("MLproject", "conda.yaml"):
+        shutil.copy(ROOT / item, dvc_repo / item)
+    _run(["git", "add", "-A"], dvc_repo)
+    _run(["git", "commit", "-qm", "mlproject"], dvc_repo)
+    uri = f"sqlite:///{dvc_repo}/mlflow.db"
+    env = {**_env(), "MLFLOW_TRACKING_URI": uri}
+    mlflow_cli = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "proj"]
+    for entry, extra in (("main", ["-P", "schedule=cosine"]), ("sample", []), ("evaluate", []), ("train", [])):
+        proc = subprocess.run([*mlflow_cli, "-e", entry, *extra], cwd=dvc_repo, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, f"mlflow run -e {entry}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    client = mlflow.MlflowClient(uri)
+    proj = client.get_experiment_by_name("proj")
+    assert proj.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["mlflow.project.entryPoint"]: r for r in client.search_runs([proj.experiment_id])}
+    assert sorted(runs) == ["evaluate", "main", "sample", "train"]  # one run per command, no extra ones
+    others = [e for e in client.search_experiments() if e.experiment_id != proj.experiment_id]
+    assert all(not client.search_runs([e.experiment_id]) for e in others)  # nothing in Default or `cmp`
+    for entry, run in runs.items():
+        assert run.info.status == "FINISHED", entry
+        assert run.data.tags["mlflow.source.type"] == "PROJECT"  # mlflow run's own source tags, kept
+        assert run.data.params["schedule"] == "cosine" and len(run.data.params) > 50, entry  # the pipeline's params
+    main, sample, evaluate, train = (runs[k].data.metrics for k in ("main", "sample", "evaluate", "train"))
+    assert {"train/loss", "train/final_loss", "eval/class_accuracy", "sweep/class_accuracy"} <= set(main)
+    assert sample["train/final_loss"] == main["train/final_loss"]  # the training it sampled, named and copied
+    assert runs["sample"].data.tags["ddpm.train_run_id"] == runs["main"].info.run_id
+    assert "eval/class_accuracy" in evaluate and evaluate["train/final_loss"] == main["train/final_loss"]
+    # train after main: the finished checkpoint in .resume/ makes it re-finish (no new steps), logged as such
+    assert train["train/final_loss"] == main["train/final_loss"] and "train/loss" not in train
+    assert runs["train"].data.tags["ddpm.train_run_id"] == runs["main"].info.run_id
+    for entry in ("main", "train"):
+        assert len(runs[entry].outputs.model_outputs) == 1, entry  # the EMA model, logged into this run
+    assert "grid.png" in {a.path for a in client.list_artifacts(runs["sample"].info.run_id)}

@@ -26,7 +26,8 @@ from ddpm.tracking.lineage import git_tags
 from ddpm.tracking.store import tracking_uri
 from ddpm.tracking.tracker import Tracker
 
-_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING")
+_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING",
+        "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 
 
 def _cfg(**overrides) -> Config:
@@ -220,22 +221,22 @@ def test_sampling_with_other_params_gets_its_own_child_run(repo, client):
     train_cfg = _cfg(tracking=no_tb)
     with Tracker.start(train_cfg, repo, "trained") as trained:
         trained.log_metrics({"loss": 0.5}, step=10)
-        trained.log_final({"train_loss": 0.25})
+        trained.log_final({"train/final_loss": 0.25})
     with Tracker.start(train_cfg, repo, None, run_id=trained.run_id, new_run_if_params_differ=True) as same:
-        same.log_final({"eval_class_accuracy": 0.6})
+        same.log_final({"eval/class_accuracy": 0.6})
     assert same.run_id == trained.run_id  # same params: the pipeline's one run is re-opened
 
     guided = _cfg(tracking=no_tb, sample={"guidance_scale": 2.0})
     with Tracker.start(guided, repo, "guided", run_id=trained.run_id, new_run_if_params_differ=True) as child:
-        child.log_final({"eval_class_accuracy": 0.9})
+        child.log_final({"eval/class_accuracy": 0.9})
     assert child.run_id != trained.run_id
     run = client.get_run(child.run_id)
     assert run.data.tags["mlflow.parentRunId"] == trained.run_id == run.data.tags["ddpm.train_run_id"]
     assert run.data.params["sample.guidance_scale"] == "2.0"
-    assert run.data.metrics["train_loss"] == 0.25  # the training's final metrics come along
-    assert run.data.metrics["eval_class_accuracy"] == 0.9
+    assert run.data.metrics["train/final_loss"] == 0.25  # the training's final metrics come along
+    assert run.data.metrics["eval/class_accuracy"] == 0.9
     original = client.get_run(trained.run_id)
-    assert original.data.metrics["eval_class_accuracy"] == 0.6  # not overwritten
+    assert original.data.metrics["eval/class_accuracy"] == 0.6  # not overwritten
     assert original.data.params["sample.guidance_scale"] == "1.0"
 
     # evaluate re-opens the child when its params match, and derives from the TRAINING run when they don't
@@ -249,7 +250,7 @@ def test_sampling_with_other_params_gets_its_own_child_run(repo, client):
     assert grandchild.run_id not in (child.run_id, trained.run_id)
     assert tags["mlflow.parentRunId"] == trained.run_id
     finals = client.get_run(grandchild.run_id).data.metrics
-    assert finals == {"train_loss": 0.25}  # the training's finals only: no stale evaluation of another setting
+    assert finals == {"train/final_loss": 0.25}  # the training's finals only: no stale evaluation of another setting
 
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
@@ -272,6 +273,33 @@ def test_dvc_experiment_env_names_run_and_uses_dvc_root(repo, client, tmp_path, 
     assert run.data.tags["dvc.exp_name"] == "brisk-owl" and run.data.tags["dvc.exp_baseline_rev"] == "0123abcd"
     assert tracker.tensorboard_dir.parent == repo / "logs" / "tensorboard"
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "logs").exists()
+
+
+def test_under_mlflow_run_the_pipeline_logs_into_its_run(repo, client, monkeypatch):
+    """`mlflow run` creates a run and exports MLFLOW_RUN_ID: new, derived and re-opened runs all go into it."""
+    no_tb = {"system_metrics": False, "tensorboard": False}
+    with Tracker.start(_cfg(tracking=no_tb), repo, "earlier-training") as trained:
+        trained.log_final({"train/final_loss": 0.5})
+    exp_id = client.create_experiment("chosen-by-mlflow-run")
+    before = len(client.search_runs([client.get_experiment_by_name("ddpm").experiment_id]))
+    for name, run_id in (("fresh", None), ("resample", trained.run_id)):
+        host = client.create_run(exp_id, run_name=name, tags={"mlflow.source.type": "PROJECT"})
+        monkeypatch.setenv("MLFLOW_RUN_ID", host.info.run_id)
+        guided = _cfg(tracking=no_tb, sample={"guidance_scale": 3.0})
+        with Tracker.start(guided, repo, None, run_id=run_id, new_run_if_params_differ=True) as tracker:
+            tracker.log_metrics({"eval/x": 1.0}, step=0)
+        assert tracker.run_id == host.info.run_id
+        run = client.get_run(host.info.run_id)
+        assert run.info.status == "FINISHED" and run.info.experiment_id == exp_id
+        assert run.data.params["sample.guidance_scale"] == "3.0" and run.data.metrics["eval/x"] == 1.0
+        assert run.data.tags["mlflow.source.type"] == "PROJECT"  # mlflow run's source tags are kept
+    assert run.data.tags["ddpm.train_run_id"] == trained.run_id  # the cached training it sampled
+    assert run.data.metrics["train/final_loss"] == 0.5
+    assert len(client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])) == before  # no own run
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    with pytest.raises(UserError, match="MLFLOW_RUN_ID=0+ names no run"):
+        Tracker.start(_cfg(tracking=no_tb), repo, None)
 
 
 def test_disabled_tracking_touches_nothing(tmp_path, monkeypatch):

@@ -236,7 +236,7 @@ def test_sigterm_checkpoints_and_marks_the_run_killed(tmp_path, monkeypatch):
     train(cfg, paths)  # resumes the same MLflow run; its loss history continues
     run = client.get_run(ckpt["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert json.loads(paths.train_run.read_text())["mlflow_run_id"] == run.info.run_id
 

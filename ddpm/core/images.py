@@ -32,6 +32,21 @@ def grid_hwc(images_u8: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray
     return grid.permute(1, 2, 0).numpy()
 
 
+VIEW_WIDTH = 256  # a grid narrower than this is enlarged for viewing (16x16 images make 128-px grids)
+
+
+def viewable(image_hwc: np.ndarray, min_width: int = VIEW_WIDTH) -> np.ndarray:
+    """`image_hwc` enlarged by the smallest whole factor that makes it at least `min_width` pixels wide.
+
+    Nearest-neighbour (each pixel becomes a k x k block), so no pixel value is invented and the raw
+    image is every k-th pixel of the result. Wide enough images are returned as they are.
+    """
+    k = -(-min_width // image_hwc.shape[1])  # ceil(min_width / W)
+    if k <= 1:
+        return image_hwc
+    return image_hwc.repeat(k, axis=0).repeat(k, axis=1)  # (k*H, k*W, C)
+
+
 def save_png(path: str | Path, image_hwc: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 array as PNG, atomically."""
     with atomic_path(path) as tmp:

@@ -43,6 +43,7 @@ from ddpm.pipeline.devices import resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import check_steps, evaluation_set, load_model, load_samples, pipeline_tracker
 from ddpm.tracking.files import write_metrics, write_tsv
+from ddpm.tracking.names import EVAL, SWEEP, grouped
 from ddpm.tracking.tracker import Tracker
 
 SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall", "fid",
@@ -232,21 +233,21 @@ def _write_sweep(path: Path, rows: list[dict]) -> None:
 
 
 def sweep_metric_names(row: dict) -> dict[str, float]:
-    """A sweep row as MLflow metrics: `sweep_fd_classifier_2k`, `sweep_fid_2k`, `sweep_class_accuracy`..."""
+    """A sweep row's metrics named by their sample counts: `fd_classifier_2k`, `fid_2k`, `class_accuracy`...
+    (logged under `sweep/`)."""
     tag, fid_tag = count_tag(int(row["samples"])), count_tag(int(row.get("fid_samples", 0)))
-    out = {"sweep_class_accuracy": row["class_accuracy"]}
+    out = {"class_accuracy": row["class_accuracy"]}
     for key in ("fd_classifier", "precision", "recall"):
-        out[f"sweep_{key}_{tag}"] = row[key]
+        out[f"{key}_{tag}"] = row[key]
     if "fid" in row:
-        out[f"sweep_fid_{fid_tag}"] = row["fid"]
+        out[f"fid_{fid_tag}"] = row["fid"]
     return out
 
 
 def _log(tracker: Tracker, paths: Layout, metrics: dict, rows: list[dict]) -> None:
     """Final metrics (and the sweep, stepped by guidance scale x 100) into the pipeline's MLflow run."""
-    scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-    tracker.log_final(scalars)
+    tracker.log_final(grouped(EVAL, {k: v for k, v in metrics.items() if isinstance(v, int | float)}))
     for r in rows:
-        tracker.log_metrics(sweep_metric_names(r), step=int(round(r["guidance_scale"] * 100)))
+        tracker.log_metrics(grouped(SWEEP, sweep_metric_names(r)), step=int(round(r["guidance_scale"] * 100)))
     tracker.log_artifact(paths.eval_metrics)
     tracker.log_artifact(paths.sweep)

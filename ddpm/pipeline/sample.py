@@ -18,13 +18,14 @@ from ddpm.config import Config, SampleConfig, TrainingConfig
 from ddpm.core.atomic import atomic_path
 from ddpm.core.checkpoint import load_checkpoint, load_ema_model
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
-from ddpm.core.images import grid_hwc, save_png
+from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import configure_backends
 from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.tracking.files import read_run_id, write_run_id
+from ddpm.tracking.names import SAMPLES
 from ddpm.tracking.tracker import Tracker
 
 # the sample command's flags, by the SampleConfig field each one overrides
@@ -79,13 +80,13 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
 
 def class_grid(lm: LoadedModel, settings: SamplerSettings, classes: list[int], per_class: int, seed: int,
                batch_size: int, precision: str) -> np.ndarray:
-    """One row per class, `per_class` samples in each row, as an (H, W, 3) uint8 picture."""
+    """One row per class, `per_class` samples in each row, as an (H, W, 3) uint8 picture (`viewable` size)."""
     labels = torch.tensor(classes).repeat_interleave(per_class)  # (K * n,) row-major: class k's row
     if not lm.config.model.num_classes:
         labels = None  # an unconditional model: rows are just more samples
     images, _ = generate(lm.model, lm.diffusion, labels, settings, num=len(classes) * per_class,
                          device=lm.device, seed=seed, batch_size=batch_size, precision=precision)
-    return grid_hwc(images, nrow=per_class)
+    return viewable(grid_hwc(images, nrow=per_class))
 
 
 def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, seed: int, precision: str) -> np.ndarray:
@@ -99,7 +100,7 @@ def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, see
                              batch_size=k, precision=precision, record=record)
     columns = [inter[t] for t in record] + [images]  # each (K, C, H, W)
     stacked = torch.stack(columns, dim=1).flatten(0, 1)  # (K * frames, C, H, W), row = one seed
-    return grid_hwc(stacked, nrow=len(columns))
+    return viewable(grid_hwc(stacked, nrow=len(columns)))
 
 
 def evaluation_set(lm: LoadedModel, settings: SamplerSettings, num: int, seed: int, batch_size: int,
@@ -165,7 +166,7 @@ def _sample(cfg: Config, paths: Layout, lm: LoadedModel, tracker: Tracker) -> di
     save_png(paths.grid, grid)
     save_png(paths.denoise, denoise)
     save_samples(paths.samples, images, labels, meta)
-    tracker.log_image("samples/grid", grid, step=lm.step)
+    tracker.log_image(f"{SAMPLES}/grid", grid, step=lm.step)
     tracker.log_artifact(paths.grid)
     tracker.log_artifact(paths.denoise)
     return meta

@@ -24,7 +24,7 @@ from ddpm.core.checkpoint import FORMAT_VERSION, save_checkpoint
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.ema import EMA
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
-from ddpm.core.images import grid_hwc, save_png
+from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import (
     Ranks,
     close_distributed,
@@ -37,14 +37,15 @@ from ddpm.core.seeding import rng_state, seed_everything, set_rng_state
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
-from ddpm.data.datasets import check_class_count, load_prepared
+from ddpm.data.datasets import PreparedData, check_class_count, load_prepared
 from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
+from ddpm.tracking.names import TRAIN, final_train, grouped
 from ddpm.tracking.resources import ResourceMonitor
-from ddpm.tracking.tracker import TRAIN_FINAL_PREFIX, Tracker
+from ddpm.tracking.tracker import Tracker
 
 PLOT_COLUMNS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr"]
 log = logging.getLogger(__name__)
@@ -197,13 +198,13 @@ def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> di
     run.class_names = list(data.class_names)
     store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash))
     with store.exclusive() if ranks.is_main else nullcontext():
-        return _train_locked(run, store, paths, data.content_hash)
+        return _train_locked(run, store, paths, data)
 
 
-def _train_locked(run: Run, store: ResumeStore, paths: Layout, data_hash: str) -> dict:
+def _train_locked(run: Run, store: ResumeStore, paths: Layout, data: PreparedData) -> dict:
     """Resume (or start), open the MLflow run before any work, train, write the outputs; the run ends with
     the tracker (FINISHED / KILLED / FAILED)."""
-    cfg, ranks, device = run.cfg, run.ranks, run.device
+    cfg, ranks, device, data_hash = run.cfg, run.ranks, run.device, data.content_hash
     ckpt = store.load(map_location=device)
     if ckpt is not None:
         run.restore(ckpt)
@@ -224,6 +225,8 @@ def _train_locked(run: Run, store: ResumeStore, paths: Layout, data_hash: str) -
     with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=_tags(data_hash, device),
                        resume_step=resume_step) as tracker:
         run.run_id = tracker.run_id
+        tracker.log_dataset(cfg, paths.prepared, data_hash, len(data.train_labels), len(data.eval_labels),
+                            list(data.class_names))
         store.record_run_id(tracker.run_id)
         timing = _loop(run, store, tracker, paths, data_hash)
         return _finish(run, store, tracker, paths, timing)
@@ -296,7 +299,8 @@ def _log(run: Run, tracker, bar, images_per_s: float, paths: Layout, monitor: Re
     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{images_per_s:.0f}")
     if tracker is not None:
         resources = monitor.sample() if monitor is not None else {}
-        tracker.log_metrics({**stats, "lr": lr, "images_per_s": images_per_s, **resources}, step=run.step)
+        tracker.log_metrics(grouped(TRAIN, {**stats, "lr": lr, "images_per_s": images_per_s, **resources}),
+                            step=run.step)
 
 
 def _write_plot(path: Path, rows: list[dict[str, float]]) -> None:
@@ -330,11 +334,11 @@ def _progress_grid(run: Run, tracker, paths: Layout, store: ResumeStore) -> None
         run.ema.model, run.diffusion, labels, settings, num=k * per_class,
         device=run.device, seed=cfg.seed, batch_size=tc.batch_size, precision=tc.precision,
     )
-    grid = grid_hwc(images, nrow=per_class)
+    grid = viewable(grid_hwc(images, nrow=per_class))  # small images enlarged for the screen
     save_png(paths.progress / f"step_{run.step:07d}.png", grid)
     save_png(store.progress / f"step_{run.step:07d}.png", grid)  # for a resume in another directory
     if tracker is not None:
-        tracker.log_image("progress", grid, step=run.step)
+        tracker.log_image(f"{TRAIN}/progress", grid, step=run.step)
 
 
 def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
@@ -366,6 +370,6 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     write_metrics(paths.train_metrics, metrics)
     write_run_id(paths.train_run, run.run_id)
     if tracker is not None:
-        tracker.log_final({f"{TRAIN_FINAL_PREFIX}{k}": v for k, v in metrics.items() if k != "timing"})
-        tracker.log_artifact(paths.ema)
+        tracker.log_final(final_train({k: v for k, v in metrics.items() if k != "timing"}))
+        tracker.log_model(paths.ema, run.cfg, registered_name=run.cfg.tracking.register_model)
     return metrics

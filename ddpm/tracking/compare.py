@@ -53,7 +53,10 @@ def _get_run(client: MlflowClient, run_id: str) -> Any:
 
 
 def _comparison_rows(runs: Sequence[Any]) -> list[tuple[str, list[str]]]:
-    """(label, one cell per run) for the run id, status, differing params and final metrics."""
+    """(label, one cell per run) for the run id, status, differing params and final metrics.
+
+    Metric rows are sorted by name, so they come grouped by prefix (`eval/`, `train/final_`, ...).
+    """
     rows = [("run_id", [r.info.run_id[:8] for r in runs]), ("status", [r.info.status for r in runs])]
     keys = sorted({k for r in runs for k in r.data.params})
     for key in keys:
@@ -62,7 +65,7 @@ def _comparison_rows(runs: Sequence[Any]) -> list[tuple[str, list[str]]]:
             rows.append((key, cells))
     final = sorted({k for r in runs for k in final_keys(r.data.tags)})
     if not final:  # runs that never reached log_final: show their latest non-system metrics
-        final = sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
+        final = sorted({k for r in runs for k in r.data.metrics if not k.startswith(("system/", "resources/"))})
     for key in final:
         rows.append((key, [_fmt(r.data.metrics.get(key)) for r in runs]))
     return rows

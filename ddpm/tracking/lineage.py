@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,18 @@ def git_tags(repo: Path) -> dict[str, str]:
     if status is not None:
         tags["git.dirty"] = str(bool(status)).lower()
     return tags
+
+
+def source_tags(repo: Path) -> dict[str, str]:
+    """MLflow's *Source* column: the script that runs (relative to the repository when inside it), LOCAL.
+
+    `mlflow run` writes its own (type PROJECT) into the run it creates; those are never overwritten.
+    """
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c") else "python"
+    script = Path(argv0).resolve()
+    root = Path(repo).resolve()
+    name = str(script.relative_to(root)) if script.is_relative_to(root) else str(script)
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
 
 
 def dvc_tags() -> dict[str, str]:

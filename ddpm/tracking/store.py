@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 5  # attempts for a write the sqlite store rejected (e.g. "database is locked")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says it holds model training
+# (the UI's experiment-kind selector writes the same tag); with it, the runs table is the first page
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+KIND_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
 # --------------------------------------------------------------------------------------------
 # Where the store lives
@@ -93,20 +97,23 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+def open_store(uri: str, experiment: str | None) -> tuple[MlflowClient, str | None]:
     """A client for `uri` and the id of `experiment`, created (artifacts in mlartifacts/) if new.
 
     MlflowClient() itself creates and migrates a fresh sqlite store, so it is built under the lock.
+    `experiment=None`: only the client (the caller logs into a run that exists already).
     """
     from mlflow import MlflowClient
 
     with store_lock(uri):
         try:
             client = MlflowClient(uri)
+            if experiment is None:
+                return client, None
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
                 location = artifact_location(uri, experiment)
-                return client, client.create_experiment(experiment, artifact_location=location)
+                return client, client.create_experiment(experiment, artifact_location=location, tags=KIND_TAGS)
         except Exception as err:  # noqa: BLE001 - any store failure is reported the same way
             raise UserError(
                 f"cannot open the MLflow store {uri}: {err}; fix or move the store "
@@ -117,7 +124,15 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
             f"MLflow experiment {experiment!r} is deleted in {uri}; restore it (`mlflow experiments restore "
             f"--experiment-id {exp.experiment_id}`) or set another tracking.experiment"
         )
+    mark_experiment_kind(client, exp)
     return client, exp.experiment_id
+
+
+def mark_experiment_kind(client: MlflowClient, exp: Any) -> None:
+    """Tag an experiment as model training (so `mlflow ui` opens its runs table) unless it has a kind."""
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        retrying("set_experiment_tag", client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG,
+                 KIND_TAGS[EXPERIMENT_KIND_TAG])
 
 
 def retrying(action: str, fn: Any, *args: Any, **kwargs: Any) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 import threading
 import time
@@ -41,9 +42,12 @@ from ddpm.tracking.lineage import (
     git_tags,
     param_overrides,
     param_text,
+    source_tags,
     train_run_id,
 )
+from ddpm.tracking.names import TRAIN_FINAL
 from ddpm.tracking.store import (
+    mark_experiment_kind,
     open_store,
     retrying,
     safe_name,
@@ -58,7 +62,7 @@ RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
 _PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
 _METRICS_PER_BATCH = 1000  # ... and for metrics
 _MAX_PENDING = 32  # async metric batches in flight before we wait on them (bounds memory)
-TRAIN_FINAL_PREFIX = "train_"  # the train stage's final metrics (log_final) carry this prefix
+HOST_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for its command: the run to log into
 _TB_DIR_TAG = "ddpm.tensorboard_dir"  # so a re-opened run writes into its own TensorBoard dir
 
 
@@ -99,6 +103,7 @@ class Tracker:
         self.run_name: str = ""
         self.tensorboard_dir: Path | None = None
         self.tracking_uri: str | None = None
+        self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
         self._writer: SummaryWriter | None = None
         self._system_monitor: Any = None
@@ -158,17 +163,30 @@ class Tracker:
         self, cfg: Config, repo_root: Path, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
         new_run_if_params_differ: bool,
     ) -> None:
-        """Open the store, create, derive or re-open the run, log params (new runs) and tags."""
+        """Open the store, create, derive or re-open the run, log params (new runs) and tags.
+
+        Under `mlflow run` (which creates a run and passes its id in `MLFLOW_RUN_ID`) that run is used
+        instead of a new one, see `_host_run`.
+        """
         self.tracking_uri = tracking_uri(repo_root)
-        self._client, experiment_id = open_store(self.tracking_uri, cfg.tracking.experiment)
+        self._client, _ = open_store(self.tracking_uri, None)
+        host = self._host_run()
+        if host is None:
+            self._client, self.experiment_id = open_store(self.tracking_uri, cfg.tracking.experiment)
         source = self._find(run_id) if run_id else None
         derive = source is not None and new_run_if_params_differ and bool(changed_params(source.data.params, params))
-        run = None if source is None or derive else self._reopen(source)
-        if run is None:
+        if host is not None and (source is None or source.info.run_id != host.info.run_id):
+            run = self._adopt(host, source)
+            self._log_params(params)
+            self._set_tags(tags)
+            if source is not None and new_run_if_params_differ:
+                self._copy_final_metrics(self._client.get_run(train_run_id(source)))
+        elif (run := None if source is None or derive else self._reopen(source)) is None:
             parent = train_run_id(source) if derive else None
             if parent:
                 tags = {**tags, "mlflow.parentRunId": parent, TRAIN_RUN_TAG: parent}
-            run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            tags = {**source_tags(repo_root), **tags}
+            run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
             self._log_params(params)
             if parent:
@@ -181,6 +199,41 @@ class Tracker:
             self._set_tags({**tags, **overrides})
         if cfg.tracking.system_metrics:
             self._start_system_metrics(resume=self.run_id == run_id)  # a re-opened run continues its steps
+
+    def _host_run(self) -> Any:
+        """The run `mlflow run` created for this command (`MLFLOW_RUN_ID`), or None.
+
+        Every pipeline run started under `mlflow run` logs into that run, in the experiment
+        `mlflow run --experiment-name` chose, rather than leaving it empty beside a run of its own.
+        """
+        from mlflow.exceptions import MlflowException
+
+        host_id = os.environ.get(HOST_RUN_ENV)
+        if not host_id:
+            return None
+        assert self._client is not None
+        try:
+            host = self._client.get_run(host_id)
+        except MlflowException:
+            raise UserError(
+                f"{HOST_RUN_ENV}={host_id} names no run in the MLflow store {self.tracking_uri}; point "
+                "MLFLOW_TRACKING_URI at the store `mlflow run` uses, or unset MLFLOW_RUN_ID"
+            ) from None
+        self.experiment_id = host.info.experiment_id
+        mark_experiment_kind(self._client, self._client.get_experiment(self.experiment_id))
+        return host
+
+    def _adopt(self, host: Any, source: Any) -> Any:
+        """Log into `host` (set RUNNING) what would have gone into a new or re-opened run.
+
+        `source`: the run the pipeline would have re-opened or derived from (sampling a cached training,
+        a resumed training); its training run is named in the `ddpm.train_run_id` tag, as a derived run does.
+        """
+        assert self._client is not None
+        self.run_id, self.run_name = host.info.run_id, host.info.run_name or self.run_name
+        if source is not None:
+            self._set_tags({TRAIN_RUN_TAG: train_run_id(source)})
+        return self._reopen(host)
 
     def _find(self, run_id: str) -> Any:
         """The run `run_id`, or None (with a warning) when the store lacks it."""
@@ -204,13 +257,13 @@ class Tracker:
         return run
 
     def _copy_final_metrics(self, source: Any) -> None:
-        """The training's own final metrics (`train_*`) from its run `source` into this one.
+        """The training's own final metrics (`train/final_*`) from its run `source` into this one.
 
         Not the evaluation's: the training run also holds the results of the sampling params it was
         created with, which are not this run's.
         """
         finals = {k: source.data.metrics[k] for k in final_keys(source.data.tags)
-                  if k.startswith(TRAIN_FINAL_PREFIX) and k in source.data.metrics}
+                  if k.startswith(TRAIN_FINAL) and k in source.data.metrics}
         if finals:
             self.log_final(finals)
 
@@ -363,6 +416,42 @@ class Tracker:
             raise UserError(f"cannot log artifact {path}: it does not exist; write it before logging it")
         upload = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         retrying("log_artifact", upload, self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, cfg: Config, prepared_dir: Path, content_hash: str, num_train: int, num_eval: int,
+                    class_names: list[str]) -> None:
+        """The training data as an MLflow dataset input (the runs table's *Dataset* column), context `training`.
+
+        Name, digest (the content hash), source and profile (image and class counts): `ddpm.tracking.inputs`.
+        """
+        if self._client is None or self.run_id is None:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        from ddpm.tracking.inputs import dataset_entity
+
+        dataset = dataset_entity(cfg, prepared_dir, content_hash, num_train, num_eval, class_names)
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+        retrying("log_inputs", self._client.log_inputs, self.run_id, datasets=[entry])
+
+    def log_model(self, checkpoint: Path, cfg: Config, registered_name: str | None = None) -> None:
+        """The EMA checkpoint as the run's MLflow pyfunc model `ema` (`ddpm.tracking.mlflow_model`).
+
+        Registered in the Model Registry as `registered_name` when given. Like every tracking write, a
+        failure is a warning: the DVC outputs are written already and must not be lost to it.
+        """
+        if self._client is None or self.run_id is None:
+            return
+        from ddpm.tracking.mlflow_model import log_ema_model
+
+        self._drain()  # MLflow copies the run's metrics at `step` into the model
+        try:
+            experiment_id = self._client.get_run(self.run_id).info.experiment_id  # a re-opened run's own
+            info = log_ema_model(self.tracking_uri, self.run_id, experiment_id, checkpoint, cfg,
+                                 step=self._last_step, registered_name=registered_name)
+        except Exception as err:  # noqa: BLE001 - see docstring
+            log.warning("MLflow could not log the model %s: %s", checkpoint, err)
+            return
+        log.info("logged the EMA model as %s", info.model_uri)
 
     def log_final(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Final metrics: MLflow (remembered for `compare_runs`) and TensorBoard's HParams tab.
