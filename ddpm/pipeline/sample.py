@@ -19,7 +19,7 @@ from ddpm.core.checkpoint import load_checkpoint, load_ema_model
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.images import grid_hwc, save_png
 from ddpm.core.runtime import check_precision, configure_backends, resolve_device
-from ddpm.core.samplers import respaced_timesteps
+from ddpm.core.samplers import visited_timesteps
 from ddpm.errors import UserError
 from ddpm.pipeline.layout import Layout
 from ddpm.tracking.files import read_run_id, write_run_id
@@ -82,7 +82,7 @@ def class_grid(lm: LoadedModel, settings: SamplerSettings, classes: list[int], p
 
 def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, seed: int, precision: str) -> np.ndarray:
     """The same seeds seen at `frames` timesteps from pure noise to the final image: one row per class."""
-    kept = respaced_timesteps(lm.diffusion.num_timesteps, settings.steps).tolist()
+    kept = visited_timesteps(lm.diffusion, settings.sampler, settings.steps, settings.spacing)
     idx = np.linspace(len(kept) - 1, 0, frames - 1).round().astype(int)  # from noise towards the data
     record = sorted({kept[i] for i in idx}, reverse=True)
     k = max(lm.config.model.num_classes, 1)
@@ -128,7 +128,8 @@ def sample_stage(cfg: Config, paths: Layout) -> dict:
     grid = class_grid(lm, settings, classes, sc.grid_per_class, cfg.seed, sc.batch_size, precision)
     denoise = denoise_picture(lm, settings, sc.denoise_frames, cfg.seed, precision)
     images, labels = evaluation_set(lm, settings, sc.num_samples, cfg.seed + 1, sc.batch_size, precision)
-    meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "eta": settings.eta,
+    meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "spacing": settings.spacing,
+            "eta": settings.eta,
             "guidance_scale": settings.guidance_scale, "class_names": lm.class_names}
     save_png(paths.grid, grid)
     save_png(paths.denoise, denoise)
@@ -162,6 +163,7 @@ def sample_cli(cfg: Config, args) -> None:
         steps=args.steps or sc.steps,
         eta=sc.eta if args.eta is None else args.eta,
         guidance_scale=sc.guidance_scale if args.guidance is None else args.guidance,
+        spacing=args.spacing or sc.spacing,
     )
     if lm.config.model.num_classes:
         classes = parse_classes(args.classes, lm.class_names) if args.classes else list(range(len(lm.class_names)))

@@ -321,7 +321,7 @@ def _progress_grid(run: Run, tracker, paths: Layout) -> None:
     per_class = tc.progress_per_class
     labels = balanced_labels(k * per_class, k).view(per_class, k).t().reshape(-1) if cfg.model.num_classes else None
     settings = SamplerSettings(sampler=tc.progress_sampler, steps=tc.progress_steps, eta=0.0,
-                               guidance_scale=tc.progress_guidance_scale)
+                               guidance_scale=tc.progress_guidance_scale, spacing=tc.progress_spacing)
     images, _ = generate(
         run.ema.model, run.diffusion, labels, settings, num=k * per_class,
         device=run.device, seed=cfg.seed, batch_size=tc.batch_size, precision=tc.precision,
