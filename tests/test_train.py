@@ -314,3 +314,49 @@ def test_compiled_training_keeps_ema_checkpoints_and_resume_working(tmp_path, mo
         torch.testing.assert_close(b["weights"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     initial = load_checkpoint(next(resume_root(tmp_path / "compiled").iterdir()) / "last.pt")["model"]
     assert not any("_orig_mod" in k for k in initial)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_the_optimised_loss_but_not_the_logged_one(prediction: str) -> None:
+    from ddpm.core.diffusion import GaussianDiffusion
+    from ddpm.core.runtime import Ranks
+    from ddpm.core.schedules import linear_betas
+    from ddpm.core.train_step import StepContext, StepStats, train_step
+
+    class PlainSGD(torch.optim.Optimizer):
+        """p -= grad: the update is the gradient itself (train_step sets and removes `found_inf`)."""
+
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p -= p.grad
+
+    class Batches:
+        def next(self):
+            return torch.full((16, 1, 2, 2), 0.5), torch.zeros(16, dtype=torch.int64)
+
+    def run(weighting: str) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(1, 1, 1)
+        model = lambda x, t, y: net(x)  # noqa: E731
+        model.parameters = net.parameters  # what train_step reads the gradients from
+        diffusion = GaussianDiffusion(linear_betas(100, 1e-4, 0.02), prediction)  # type: ignore[arg-type]
+        opt = PlainSGD(net.parameters())
+        ctx = StepContext(model, diffusion, opt, None, torch.Generator().manual_seed(1), "fp32",  # type: ignore[arg-type]
+                          torch.device("cpu"), Ranks(), None, 0.0, 0.0, 1, weighting, 5.0)
+        stats = StepStats(torch.device("cpu"))
+        before = [p.detach().clone() for p in net.parameters()]
+        train_step(ctx, Batches(), stats)
+        update = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
+        return update, stats.read()
+
+    uniform_update, uniform_log = run("uniform")
+    snr_update, snr_log = run("min_snr")
+    # same noise and timesteps: the logged L_simple is identical, the step is smaller (weights <= 1 here)
+    assert snr_log["loss"] == pytest.approx(uniform_log["loss"], rel=1e-12)
+    assert snr_log.keys() == uniform_log.keys()
+    assert 0 < snr_update.norm() < uniform_update.norm()

@@ -253,7 +253,8 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
         model=run.trained, diffusion=run.diffusion, optimizer=run.optimizer, scaler=run.scaler,
         generator=run.generator, precision=cfg.train.precision, device=run.device, ranks=run.ranks,
         null_label=run.model.null_label, p_uncond=cfg.train.p_uncond, grad_clip=cfg.train.grad_clip,
-        grad_accum=cfg.train.grad_accum,
+        grad_accum=cfg.train.grad_accum, loss_weighting=cfg.train.loss_weighting,
+        min_snr_gamma=cfg.train.min_snr_gamma,
     )
     log_every = cfg.tracking.log_every
     monitor = ResourceMonitor(run.device) if main and cfg.tracking.system_metrics else None
