@@ -128,7 +128,7 @@ class TrainConfig(Section):
     deterministic: bool = False  # torch deterministic algorithms (GPU: slower)
     data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader
     num_workers: int = Field(2, ge=0)  # DataLoader workers when data_on_device is false
-    sample_every: int = Field(10_000, ge=0)  # progress grids; 0 disables
+    sample_every: int = Field(10_000, ge=0)  # progress grids; 0: only the final model's
     # the progress grids' own sampler settings: training must not depend on the sample stage's params
     # (changing sample.guidance_scale re-runs sampling, never the training)
     progress_sampler: SamplerName = "ddim"

@@ -87,6 +87,7 @@ def test_train_writes_declared_outputs(tmp_path):
     assert rows[0].split("\t")[:2] == ["step", "loss"]
     assert [int(r.split("\t")[0]) for r in rows[1:]] == [2, 4, 6]  # every tracking.log_every steps
     assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    assert paths.progression.is_file()
     # a finished run keeps only its last resume checkpoint
     store_dir = next(resume_root(tmp_path).iterdir())
     assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt"]
@@ -121,6 +122,9 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     train(cfg, crashed)  # resumes at step 3
     _assert_identical(load_checkpoint(reference.ema), load_checkpoint(crashed.ema))
     assert reference.loss_plot.read_text() == crashed.loss_plot.read_text()
+    # the progression is rebuilt from the stored grids: step 3's (drawn before the crash), 6 and the final 7
+    assert sorted(p.name for p in crashed.progress.iterdir()) == [f"step_000000{i}.png" for i in (3, 6, 7)]
+    assert reference.progression.read_bytes() == crashed.progression.read_bytes()
 
 
 def test_changed_training_param_starts_afresh(tmp_path):

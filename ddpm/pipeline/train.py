@@ -42,6 +42,7 @@ from ddpm.data.batches import make_batches
 from ddpm.data.datasets import load_prepared
 from ddpm.errors import UserError
 from ddpm.pipeline.layout import Layout
+from ddpm.pipeline.progression import progression_figure
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
 from ddpm.tracking.resources import ResourceMonitor
@@ -342,6 +343,8 @@ def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
 
 def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) -> dict:
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
+    if not (paths.progress / f"step_{run.step:07d}.png").exists():
+        _progress_grid(run, tracker, paths)  # the final model always gets the progression's last column
     store.finish()
     save_checkpoint(paths.ema, {
         "format_version": 1, "config": run.cfg.training_dict(), "step": run.step, "ema": run.ema.state_dict(),
@@ -360,4 +363,16 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     if tracker is not None:
         tracker.log_final({f"{TRAIN_FINAL_PREFIX}{k}": v for k, v in metrics.items() if k != "timing"})
         tracker.log_artifact(paths.ema)
+    _write_progression(run, tracker, paths)
     return metrics
+
+
+def _write_progression(run: Run, tracker, paths: Layout) -> None:
+    """samples/progression.png from every stored progress grid (those of an interrupted run included)."""
+    figure = progression_figure(paths.progress, run.cfg.data.image_size, run.cfg.train.batch_size, run.class_names)
+    if figure is None:  # unreachable after _finish's final grid; kept so a missing figure is never silent
+        raise UserError(f"no progress grids in {paths.progress} to compose {paths.progression} from")
+    save_png(paths.progression, figure)
+    if tracker is not None:
+        tracker.log_image("progression", figure, step=run.step)  # MLflow stepped image + TensorBoard
+        tracker.log_artifact(paths.progression)
