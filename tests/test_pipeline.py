@@ -200,3 +200,33 @@ def test_mlproject_entry_points_and_conda_pins_match_pyproject():
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     conda_pins = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert [p for p in pins if "==" in p] == [p for p in conda_pins if "==" in p]
+
+
+def _make_overrides(variable: str, **make_vars: str) -> dict:
+    """The -S overrides a Makefile variable expands to (via `make -pn`), applied to params.yaml."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    args = [f"{k}={v}" for k, v in make_vars.items()]
+    out = subprocess.run(["make", "-s", "-C", str(root), "VENV=/nonexistent", *args, "--eval",
+                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True)
+    words = shlex.split(out.stdout)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for flag, assignment in zip(words[::2], words[1::2], strict=True):
+        assert flag == "-S"
+        key, value = assignment.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        assert leaf in node, f"{key} is not in params.yaml"
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+@pytest.mark.parametrize("cifar", ["", "../shared/data/cifar10-jpeg-train.tar.gz"])
+def test_cifar_cpu_overrides_are_valid_params(cifar):
+    params = _make_overrides("CIFAR_CPU_PARAMS", CIFAR=cifar)
+    cfg = Config.from_dict(params)
+    assert cfg.data.dataset == ("folder" if cifar else "cifar10") and cfg.data.folder == (cifar or None)
+    assert cfg.data.image_size == 16 and cfg.sample.sampler == "dpm_solver" and cfg.model.num_classes == 10
