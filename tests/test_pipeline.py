@@ -230,3 +230,16 @@ def test_cifar_cpu_overrides_are_valid_params(cifar):
     cfg = Config.from_dict(params)
     assert cfg.data.dataset == ("folder" if cifar else "cifar10") and cfg.data.folder == (cifar or None)
     assert cfg.data.image_size == 16 and cfg.sample.sampler == "dpm_solver" and cfg.model.num_classes == 10
+
+
+def test_sample_stage_with_dpm_solver_on_logsnr_steps(repo):
+    no_tracking = {"mlflow": False, "tensorboard": False, "system_metrics": False}
+    cfg = Config.from_dict(tiny_params(sample={"sampler": "dpm_solver", "spacing": "logsnr", "steps": 5},
+                                       train={"progress_sampler": "dpm_solver", "progress_spacing": "logsnr"},
+                                       tracking=no_tracking))
+    paths = Layout.under(repo)
+    prepare(cfg, paths.prepared)
+    train(cfg, paths)
+    meta = sample_stage(cfg, paths)
+    assert meta["sampler"] == "dpm_solver" and meta["spacing"] == "logsnr"
+    assert paths.grid.is_file() and paths.denoise.is_file() and paths.progression.is_file()
