@@ -243,3 +243,14 @@ def test_sample_stage_with_dpm_solver_on_logsnr_steps(repo):
     meta = sample_stage(cfg, paths)
     assert meta["sampler"] == "dpm_solver" and meta["spacing"] == "logsnr"
     assert paths.grid.is_file() and paths.denoise.is_file() and paths.progression.is_file()
+
+
+def test_the_real_reference_set_mixes_the_classes_of_a_class_ordered_split():
+    import torch
+
+    from ddpm.pipeline.evaluate import real_subset
+
+    labels = torch.arange(10).repeat_interleave(500)  # a folder's held-out split: class by class
+    picked = labels[real_subset(len(labels), 1000, torch.Generator().manual_seed(0))]
+    counts = torch.bincount(picked, minlength=10)
+    assert counts.min() > 60 and counts.max() < 140  # ~100 of each, where a prefix would be 500 + 500 + 0...

@@ -116,6 +116,12 @@ class _FidScorer:
                 "inception_score_std": is_std}
 
 
+def real_subset(num_real: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices (n,) of a seeded random subset of the held-out images, not a prefix: a folder dataset's held-out
+    images are stored class by class, so its first n would be a few classes only."""
+    return torch.randperm(num_real, generator=gen)[:n]
+
+
 def evaluate_stage(cfg: Config, paths: Layout, sweep: list[float] | None = None) -> dict:
     """Metrics of the sample stage's images, the real-data floor, FID/IS if on, and the guidance sweep."""
     data = load_prepared(paths.prepared)
@@ -123,13 +129,13 @@ def evaluate_stage(cfg: Config, paths: Layout, sweep: list[float] | None = None)
     images, labels, meta = load_samples(paths.samples)
     device = next(classifier.parameters()).device
     n_real = min(len(images), len(data.eval_images))
-    real = data.eval_images[:n_real]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    real = data.eval_images[real_subset(len(data.eval_images), n_real, gen)]
     real_feats = extract_features(classifier, real, batch_size=500, device=device)
     k, num_classes = cfg.evaluate.pr_k, len(data.class_names)
     metrics = offline_metrics(classifier, images, labels, real_feats, num_classes, k)
     metrics["class_accuracy_per_class"] = dict(zip(data.class_names, metrics["class_accuracy_per_class"], strict=True))
     # the floor: the same distance between two sets of REAL images of the same size (held-out vs. train)
-    gen = torch.Generator().manual_seed(cfg.seed)
     train_idx = torch.randperm(len(data.train_images), generator=gen)[:n_real]
     train_feats = extract_features(classifier, data.train_images[train_idx], batch_size=500, device=device)
     metrics["fd_classifier_floor"] = frechet_distance(*feature_statistics(train_feats),
