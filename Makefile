@@ -35,9 +35,9 @@ CIFAR_CPU_PARAMS := \
 	-S train.device=cpu -S train.precision=fp32 -S train.compile=false -S train.channels_last=false \
 	-S train.batch_size=64 -S train.steps=3000 -S train.lr=0.001 -S train.warmup_steps=100 \
 	-S train.ema_decay=0.999 -S train.sample_every=500 -S train.checkpoint_every=250 \
-	-S train.progress_sampler=dpm_solver -S train.progress_spacing=logsnr -S train.progress_steps=20 \
-	-S train.progress_guidance_scale=2.0 \
-	-S sample.sampler=dpm_solver -S sample.spacing=logsnr -S sample.steps=20 -S sample.guidance_scale=2.0 \
+	-S train.progress_sampler=dpm_solver -S train.progress_spacing=logsnr -S train.progress_steps=25 \
+	-S train.progress_guidance_scale=3.0 \
+	-S sample.sampler=dpm_solver -S sample.spacing=logsnr -S sample.steps=25 -S sample.guidance_scale=3.0 \
 	-S sample.num_samples=1000 -S sample.batch_size=500 -S sample.grid_per_class=8 \
 	-S evaluate.fid=false -S evaluate.classifier.epochs=3 -S evaluate.classifier.width=16 \
 	-S 'evaluate.guidance_sweep=[0.0,1.0,2.0,3.0,4.0]' -S evaluate.sweep_samples=500 \
