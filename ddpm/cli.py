@@ -140,8 +140,9 @@ def _cmd_compare(cfg: Config, args) -> None:
     from ddpm.tracking.compare import compare_runs
     from ddpm.tracking.store import tracking_uri
 
+    metrics = [m for m in (args.metrics or "").split(",") if m] or None
     print(compare_runs(args.experiment or cfg.tracking.experiment, tracking_uri(repo_root()),
-                       run_ids=args.runs or None))
+                       run_ids=args.runs or None, markdown=args.markdown, metrics=metrics))
 
 
 def _cmd_bench(cfg: Config, args) -> None:
@@ -185,8 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", help="class names or indices, comma-separated (default: all)")
     s.add_argument("--n", type=int, default=8, help="samples per class")
     s.add_argument("--guidance", type=float, help="guidance scale w (default: sample.guidance_scale)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sample.sampler")
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver"], help="default: sample.sampler")
     s.add_argument("--steps", type=int, help="default: sample.steps")
+    s.add_argument("--spacing", choices=["time", "logsnr"], help="default: sample.spacing")
     s.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta)")
     s.add_argument("--seed", type=int, help="default: seed")
     s.add_argument("--out", help="write a PNG grid here instead of running the sample stage")
@@ -197,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="MLflow runs side by side: params that differ, final metrics")
     c.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     c.add_argument("runs", nargs="*", help="run ids (default: every run of the experiment)")
+    c.add_argument("--markdown", action="store_true", help="a markdown table, one row per run (for the README)")
+    c.add_argument("--metrics", help="comma-separated metric names to show (default: every final metric)")
     c.set_defaults(fn=_cmd_compare)
     b = sub.add_parser("bench", help="training and sampling throughput (optionally against diffusers)")
     b.add_argument("--batch-size", type=_ints, default=[128], help="one or more, comma-separated (default 128)")

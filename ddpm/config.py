@@ -20,7 +20,9 @@ from ddpm.errors import UserError
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large"]
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
+Spacing = Literal["time", "logsnr"]
+LossWeighting = Literal["uniform", "min_snr"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -116,6 +118,9 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
     ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free guidance: label dropout probability
+    # min_snr: Hang et al. 2023, each example's loss weighted by min(SNR(t), gamma) in x0 terms
+    loss_weighting: LossWeighting = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0.0)
     precision: Precision = "bf16"  # autocast dtype (fp16 uses a GradScaler and needs CUDA)
     compile: bool = True
     compile_mode: CompileMode = "default"
@@ -123,11 +128,12 @@ class TrainConfig(Section):
     deterministic: bool = False  # torch deterministic algorithms (GPU: slower)
     data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader
     num_workers: int = Field(4, ge=0)  # DataLoader workers when data_on_device is false
-    sample_every: int = Field(20_000, ge=0)  # progress grids; 0 disables
+    sample_every: int = Field(20_000, ge=0)  # progress grids; 0: only the final model's
     # the progress grids' own sampler settings: training must not depend on the sample stage's params
     # (changing sample.guidance_scale re-runs sampling, never the training)
     progress_sampler: SamplerName = "ddim"
     progress_steps: int = Field(50, ge=1)
+    progress_spacing: Spacing = "time"
     progress_guidance_scale: float = Field(1.0, ge=0.0)
     progress_per_class: int = Field(8, ge=1)
     checkpoint_every: int = Field(5000, ge=1)
@@ -139,6 +145,7 @@ class SampleConfig(Section):
 
     sampler: SamplerName = "ddim"
     steps: int = Field(100, ge=1)
+    spacing: Spacing = "time"  # time-uniform or log-SNR-uniform sampling steps
     eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM: 0 deterministic, 1 DDPM-like noise; above 1 is undefined
     guidance_scale: float = Field(1.0, ge=0.0)  # w in eps = (1+w) eps(x,t,y) - w eps(x,t,null)
     num_samples: int = Field(50_000, ge=1)  # the evaluation set: 50k for FID-50k as in the papers

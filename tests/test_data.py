@@ -5,6 +5,7 @@ import pickle
 import socket
 import tarfile
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,77 @@ def test_class_folder_without_images_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"imgs/empty hold no readable images"):
         prepare(_folder_cfg(tmp_path / "imgs", classes=3), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------- archives
+
+
+def _archive(folder: Path, out: Path, wrap: str | None) -> Path:
+    """`folder`'s class folders as a .tar.gz / .tgz / .tar / .zip, optionally inside one top-level folder `wrap`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    names = {p: "/".join(filter(None, (wrap, str(p.relative_to(folder))))) for p in files}
+    if out.suffix == ".zip":
+        with zipfile.ZipFile(out, "w") as zf:
+            for p in reversed(files):  # archive order must not matter
+                zf.write(p, names[p])
+    else:
+        mode = "w" if out.suffix == ".tar" else "w:gz"
+        with tarfile.open(out, mode) as tar:
+            for p in reversed(files):
+                tar.add(p, names[p])
+    return out
+
+
+@pytest.mark.parametrize("name,wrap", [("imgs.tar.gz", "train"), ("imgs.zip", None), ("imgs.tgz", None),
+                                       ("imgs.tar", "train")])
+def test_archive_prepares_exactly_like_its_folder(tmp_path, name, wrap, capsys):
+    _image_folder(tmp_path / "imgs")
+    from_folder = prepare(_folder_cfg(tmp_path / "imgs"), tmp_path / "a")
+    archive = _archive(tmp_path / "imgs", tmp_path / name, wrap)
+    capsys.readouterr()
+    from_archive = prepare(_folder_cfg(archive), tmp_path / "b")
+    assert from_archive["content_hash"] == from_folder["content_hash"]
+    assert from_archive["skipped_examples"] == ["cats/notes.txt", "dogs/broken.jpg"]  # same skip-and-count rule
+    assert "skipped 2" in capsys.readouterr().err
+    a, b = load_prepared(tmp_path / "a"), load_prepared(tmp_path / "b")
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.eval_labels, b.eval_labels)
+    assert (tmp_path / "a/dataset.npz").read_bytes() == (tmp_path / "b/dataset.npz").read_bytes()
+    assert not any(p.suffix == ".png" for p in (tmp_path / "b").rglob("*"))  # nothing extracted
+
+
+def test_archive_errors_name_the_archive(tmp_path):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"not a tar")
+    with pytest.raises(UserError, match="bad.tar.gz is not a readable archive"):
+        prepare(_folder_cfg(bad), tmp_path / "out")
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(flat, "w") as zf:
+        zf.writestr("x.png", b"")
+    with pytest.raises(UserError, match="has no class folders"):
+        prepare(_folder_cfg(flat), tmp_path / "out")
+    other = tmp_path / "images.rar"
+    other.write_bytes(b"")
+    with pytest.raises(UserError, match="not a supported archive"):
+        prepare(_folder_cfg(other), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_JPEG.is_file(), reason=f"{CIFAR_JPEG} (the CIFAR-10 JPEG archive) is not here")
+def test_cifar10_jpeg_archive_prepares_at_16x16(tmp_path):
+    cfg = _cfg(data={"dataset": "folder", "folder": str(CIFAR_JPEG), "image_size": 16, "holdout_fraction": 0.1},
+               model={"num_classes": 10})
+    meta = prepare(cfg, tmp_path)
+    assert meta["class_names"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                   "ship", "truck"]
+    assert meta["skipped_files"] == 0 and meta["num_train"] + meta["num_eval"] == 50_000
+    data = load_prepared(tmp_path)
+    assert torch.equal(torch.bincount(data.eval_labels), torch.full((10,), 500))
+    pixels = data.train_images.float() / 255  # CIFAR-10's known channel means, about (0.49, 0.48, 0.45)
+    torch.testing.assert_close(pixels.mean(dim=(0, 2, 3)), torch.tensor([0.491, 0.482, 0.447]), atol=0.02, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------- cifar10

@@ -192,3 +192,51 @@ def test_respaced_keeps_alpha_bar_at_the_kept_steps() -> None:
 def test_rejects_betas_outside_the_unit_interval() -> None:
     with pytest.raises(ValueError, match=r"every beta must lie in \(0, 1\), got min 0.1, max 1.0"):
         GaussianDiffusion(torch.tensor([0.1, 1.0], dtype=torch.float64))
+
+
+# ---- min-SNR loss weighting (Hang et al. 2023) --------------------------------------------------------
+
+
+def _alpha_bar_by_hand(t: int, T: int = 1000, b0: float = 1e-4, b1: float = 0.02) -> float:
+    """alpha_bar_t of DDPM's linear schedule, by plain float arithmetic."""
+    out = 1.0
+    for s in range(t + 1):
+        out *= 1.0 - (b0 + s * (b1 - b0) / (T - 1))
+    return out
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weights_match_hand_computed_values(prediction: str) -> None:
+    d = GaussianDiffusion(linear_betas(1000, 1e-4, 0.02), prediction)  # type: ignore[arg-type]
+    t = torch.tensor([0, 50, 200, 999])
+    gamma = 5.0
+    expected = []
+    for ti in t.tolist():
+        ab = _alpha_bar_by_hand(ti)
+        snr = ab / (1 - ab)  # 9999 at t=0, ~4e-5 at t=999
+        w = {"eps": min(snr, gamma) / snr, "x0": min(snr, gamma), "v": min(snr, gamma) / (snr + 1)}[prediction]
+        expected.append(w)
+    got = d.loss_weights(t, "min_snr", gamma)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=0)
+    if prediction == "eps":  # high-noise steps (SNR < gamma) keep weight 1; t = 0 is down-weighted to 5/9999
+        assert got[-1].item() == 1.0 and got[0].item() == pytest.approx(5 / 9999, rel=1e-3)
+    assert torch.equal(d.loss_weights(t, "uniform", gamma), torch.ones(4))
+    with pytest.raises(ValueError, match="loss weighting"):
+        d.loss_weights(t, "max_snr")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_is_the_same_x0_space_weight_in_every_prediction_space(prediction: str) -> None:
+    # the weighted error of ANY network output, read back as x0, must be min(SNR, gamma) ||x0 - x0_hat||^2
+    d = GaussianDiffusion(cosine_betas(1000), prediction)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 100, 400, 700, 990])
+    out = d.target(x0, noise, t) + 0.1 * torch.randn(6, 3, 4, 4, generator=g)  # an imperfect prediction
+    x_t = d.q_sample(x0, t, noise)
+    x0_hat, _ = d.to_x0_eps(out, x_t, t)
+    weighted = d.loss_weights(t, "min_snr", 2.0) * ((out - d.target(x0, noise, t)) ** 2).mean(dim=(1, 2, 3))
+    ab = d.alphas_cumprod[t]
+    x0_space = (ab / (1 - ab)).clamp(max=2.0) * ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(weighted, x0_space, rtol=2e-3, atol=1e-6)

@@ -166,3 +166,23 @@ def test_class_accuracy_rejects_bad_labels():
         class_accuracy([0, 1], [0, 5], num_classes=3)
     with pytest.raises(ValueError):
         class_accuracy([0, 1, 2], [0, 1], num_classes=3)
+
+
+def test_pixel_statistics_of_known_images():
+    from ddpm.evaluation.metrics import pixel_comparison, pixel_statistics
+
+    # channel r: half the pixels 0, half 200 -> mean 100, std 100; g: constant 50; b: 10 and 30 -> mean 20, std 10
+    images = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    images[0, 0], images[1, 0] = 0, 200
+    images[:, 1] = 50
+    images[:, 2, 0], images[:, 2, 1] = 10, 30
+    mean, std = pixel_statistics(images)
+    assert mean == pytest.approx([100.0, 50.0, 20.0]) and std == pytest.approx([100.0, 0.0, 10.0])
+    brighter = images.clone()
+    brighter[:, 1] = 55  # g mean 10 % high
+    cmp = pixel_comparison(brighter, images)
+    assert cmp["real_pixel_mean"] == {"r": 100.0, "g": 50.0, "b": 20.0}
+    assert cmp["pixel_mean_rel_error"] == pytest.approx(0.1)
+    assert cmp["pixel_std_rel_error"] == 0.0  # channel g has std 0 in the real images: no ratio to take
+    with pytest.raises(UserError, match="non-empty"):
+        pixel_statistics(torch.zeros(0, 3, 2, 2, dtype=torch.uint8))

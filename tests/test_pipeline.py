@@ -284,3 +284,57 @@ def test_every_mlflow_run_entry_point_logs_into_the_run_mlflow_created(dvc_repo:
     for entry in ("main", "train"):
         assert len(runs[entry].outputs.model_outputs) == 1, entry  # the EMA model, logged into this run
     assert "grid.png" in {a.path for a in client.list_artifacts(runs["sample"].info.run_id)}
+
+
+def _make_overrides(variable: str, **make_vars: str) -> dict:
+    """The -S overrides a Makefile variable expands to (via `make -pn`), applied to params.yaml."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    args = [f"{k}={v}" for k, v in make_vars.items()]
+    out = subprocess.run(["make", "-s", "-C", str(root), "VENV=/nonexistent", *args, "--eval",
+                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True)
+    words = shlex.split(out.stdout)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for flag, assignment in zip(words[::2], words[1::2], strict=True):
+        assert flag == "-S"
+        key, value = assignment.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        assert leaf in node, f"{key} is not in params.yaml"
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+@pytest.mark.parametrize("cifar", ["", "../shared/data/cifar10-jpeg-train.tar.gz"])
+def test_cifar_cpu_overrides_are_valid_params(cifar):
+    params = _make_overrides("CIFAR_CPU_PARAMS", CIFAR=cifar)
+    cfg = Config.from_dict(params)
+    assert cfg.data.dataset == ("folder" if cifar else "cifar10") and cfg.data.folder == (cifar or None)
+    assert cfg.data.image_size == 16 and cfg.sample.sampler == "dpm_solver" and cfg.model.num_classes == 10
+
+
+def test_sample_stage_with_dpm_solver_on_logsnr_steps(repo):
+    no_tracking = {"mlflow": False, "tensorboard": False, "system_metrics": False}
+    cfg = Config.from_dict(tiny_params(sample={"sampler": "dpm_solver", "spacing": "logsnr", "steps": 5},
+                                       train={"progress_sampler": "dpm_solver", "progress_spacing": "logsnr"},
+                                       tracking=no_tracking))
+    paths = Layout.under(repo)
+    prepare(cfg, paths.prepared)
+    train(cfg, paths)
+    meta = sample_stage(cfg, paths)
+    assert meta["sampler"] == "dpm_solver" and meta["spacing"] == "logsnr"
+    assert paths.grid.is_file() and paths.denoise.is_file() and paths.progression.is_file()
+
+
+def test_the_real_reference_set_mixes_the_classes_of_a_class_ordered_split():
+    import torch
+
+    from ddpm.pipeline.evaluate import equal_size
+
+    labels = torch.arange(10).repeat_interleave(500)  # a folder's held-out split: class by class
+    picked = labels[equal_size(1000, len(labels), 0)]
+    counts = torch.bincount(picked, minlength=10)
+    assert counts.min() > 60 and counts.max() < 140  # ~100 of each, where a prefix would be 500 + 500 + 0...

@@ -466,3 +466,18 @@ def test_resource_monitor_cuda_readings_absent_not_zero(monkeypatch, nvml, util)
     assert sample["resources/cuda_reserved_mb"] == 2048.0
     assert sample["resources/cuda_peak_mb"] == 1536.0
     assert sample.get("resources/gpu_util_percent") == util  # missing, never 0, when NVML is unusable
+
+
+def test_compare_markdown_is_one_row_per_run_with_chosen_metrics(repo):
+    for schedule, fid in (("linear", 20.0), ("cosine", 15.5)):
+        cfg = _cfg(schedule=schedule, tracking={"experiment": "md", "tensorboard": False, "system_metrics": False})
+        with Tracker.start(cfg, repo, f"run|{schedule}") as tracker:
+            tracker.log_final({"fid": fid, "acc": 0.5})
+    lines = compare_runs("md", tracking_uri(repo), markdown=True, metrics=["fid"]).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+    assert lines[1] == "|---|---|---|---|---|"
+    assert cells[0] == ["run", "run_id", "status", "schedule", "fid"]  # acc not chosen
+    assert cells[2][0] == "run\\|linear" and cells[2][3:] == ["linear", "20"]
+    assert cells[3][3:] == ["cosine", "15.5"]
+    with pytest.raises(UserError, match="no run logged metric"):
+        compare_runs("md", tracking_uri(repo), markdown=True, metrics=["fdi"])

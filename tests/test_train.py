@@ -89,6 +89,7 @@ def test_train_writes_declared_outputs(tmp_path):
     assert rows[0].split("\t")[:2] == ["step", "loss"]
     assert [int(r.split("\t")[0]) for r in rows[1:]] == [2, 4, 6]  # every tracking.log_every steps
     assert sorted(p.name for p in paths.progress.iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    assert paths.progression.is_file()
     # a finished run keeps only its last resume checkpoint
     store_dir = next(resume_root(tmp_path).iterdir())
     # lock: see ResumeStore.exclusive; progress: the grids kept for a resume in another directory
@@ -126,6 +127,9 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     train(cfg, crashed)  # resumes at step 3
     _assert_identical(load_checkpoint(reference.ema), load_checkpoint(crashed.ema))
     assert reference.loss_plot.read_text() == crashed.loss_plot.read_text()
+    # the progression is rebuilt from the stored grids: step 3's (drawn before the crash), 6 and the final 7
+    assert sorted(p.name for p in crashed.progress.iterdir()) == [f"step_000000{i}.png" for i in (3, 6, 7)]
+    assert reference.progression.read_bytes() == crashed.progression.read_bytes()
 
 
 def _count_steps(monkeypatch) -> dict:
@@ -385,3 +389,49 @@ def test_progress_grid_rows_are_the_classes_in_order(tmp_path, monkeypatch):
     assert grid.shape == (2 + 10 * 18, 2 + 3 * 18, 3)
     centres = grid[2 + 8 :: 18, 2 + 8 :: 18, 0]  # (10, 3): one pixel inside each tile
     assert centres.tolist() == [[20 * k] * 3 for k in range(10)]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_the_optimised_loss_but_not_the_logged_one(prediction: str) -> None:
+    from ddpm.core.diffusion import GaussianDiffusion
+    from ddpm.core.runtime import Ranks
+    from ddpm.core.schedules import linear_betas
+    from ddpm.core.train_step import StepContext, StepStats, train_step
+
+    class PlainSGD(torch.optim.Optimizer):
+        """p -= grad: the update is the gradient itself (train_step sets and removes `found_inf`)."""
+
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p -= p.grad
+
+    class Batches:
+        def next(self):
+            return torch.full((16, 1, 2, 2), 0.5), torch.zeros(16, dtype=torch.int64)
+
+    def run(weighting: str) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(1, 1, 1)
+        model = lambda x, t, y: net(x)  # noqa: E731
+        model.parameters = net.parameters  # what train_step reads the gradients from
+        diffusion = GaussianDiffusion(linear_betas(100, 1e-4, 0.02), prediction)  # type: ignore[arg-type]
+        opt = PlainSGD(net.parameters())
+        ctx = StepContext(model, diffusion, opt, None, torch.Generator().manual_seed(1), "fp32",  # type: ignore[arg-type]
+                          torch.device("cpu"), Ranks(), None, 0.0, 0.0, 1, weighting, 5.0)
+        stats = StepStats(torch.device("cpu"))
+        before = [p.detach().clone() for p in net.parameters()]
+        train_step(ctx, Batches(), stats)
+        update = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
+        return update, stats.read()
+
+    uniform_update, uniform_log = run("uniform")
+    snr_update, snr_log = run("min_snr")
+    # same noise and timesteps: the logged L_simple is identical, the step is smaller (weights <= 1 here)
+    assert snr_log["loss"] == pytest.approx(uniform_log["loss"], rel=1e-12)
+    assert snr_log.keys() == uniform_log.keys()
+    assert 0 < snr_update.norm() < uniform_update.norm()

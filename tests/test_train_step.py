@@ -103,3 +103,14 @@ def test_read_resets_the_interval_and_keeps_the_run_counters():
     second = stats.read()
     assert np.isnan(second["loss"]) and np.isnan(second["grad_norm"])
     assert second["bad_steps_total"] == 1.0  # run-long, not reset by read
+
+
+def test_the_run_context_carries_the_loss_weighting_of_the_params():
+    """`StepContext.from_config` is how training builds its step: `train.loss_weighting` must reach it."""
+    from ddpm.config import TrainConfig
+    from ddpm.core.train_step import StepContext
+
+    tc = TrainConfig(loss_weighting="min_snr", min_snr_gamma=3.0)
+    ctx = StepContext.from_config(tc, model=None, diffusion=None, optimizer=None, scaler=None, generator=None,
+                                  device=torch.device("cpu"), null_label=None)
+    assert (ctx.loss_weighting, ctx.min_snr_gamma) == ("min_snr", 3.0)

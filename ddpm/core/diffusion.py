@@ -97,6 +97,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
             "fixed_large_variance": large_var,
             "fixed_large_log_variance": torch.log(large_var),
+            "snr": ac / (1.0 - ac),  # SNR(t) = alpha_bar / (1 - alpha_bar), for loss weighting
         }
 
     @classmethod
@@ -205,6 +206,27 @@ class GaussianDiffusion(nn.Module):
         out = model(x_t, t, y)  # (B, C, H, W)
         err = (out.float() - self.target(x0, noise, t).float()) ** 2  # (B, C, H, W)
         return err.mean(dim=tuple(range(1, err.ndim)))  # (B,)
+
+    def loss_weights(self, t: torch.Tensor, weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
+        """Per-example weights (B,) of the L_simple terms at timesteps t (B,).
+
+        "min_snr" is Hang et al. 2023 ("Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9 and
+        sec. 3.4): every timestep's loss, measured in x0 terms, weighted by min(SNR(t), gamma). Since
+        ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2, that is
+        min(SNR, gamma) / SNR on an eps loss, min(SNR, gamma) on an x0 loss and min(SNR, gamma) / (SNR + 1) on
+        a v loss (diffusers' train_text_to_image uses the same eps and v forms).
+        """
+        if weighting == "uniform":
+            return torch.ones(t.shape, device=t.device)
+        if weighting != "min_snr":
+            raise ValueError(f"unknown loss weighting {weighting!r}")  # unreachable from a validated config
+        snr = self.snr.gather(0, t)  # (B,)
+        clipped = snr.clamp(max=gamma)  # (B,) min(SNR, gamma)
+        if self.prediction == "eps":
+            return clipped / snr
+        if self.prediction == "x0":
+            return clipped
+        return clipped / (snr + 1.0)
 
     # ---- reverse process -------------------------------------------------------------------------
 

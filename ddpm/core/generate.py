@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddpm.config import SampleConfig, SamplerName
+from ddpm.config import SampleConfig, SamplerName, Spacing
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.images import to_uint8
 from ddpm.core.runtime import autocast
@@ -28,11 +28,12 @@ class SamplerSettings:
     steps: int
     eta: float
     guidance_scale: float
+    spacing: Spacing = "time"
 
     @classmethod
     def from_config(cls, sc: SampleConfig, guidance_scale: float | None = None) -> SamplerSettings:
         w = sc.guidance_scale if guidance_scale is None else guidance_scale
-        return cls(sampler=sc.sampler, steps=sc.steps, eta=sc.eta, guidance_scale=w)
+        return cls(sampler=sc.sampler, steps=sc.steps, eta=sc.eta, guidance_scale=w, spacing=sc.spacing)
 
 
 @torch.inference_mode()
@@ -77,6 +78,7 @@ def generate(
                 eta=settings.eta,
                 generator=gen,
                 record=record,
+                spacing=settings.spacing,
             )
         images.append(to_uint8(x).cpu())  # (B, C, H, W)
         for t in record:

@@ -51,3 +51,49 @@ def save_png(path: str | Path, image_hwc: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 array as PNG, atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(image_hwc).save(tmp, format="PNG")
+
+
+def grid_tile(grid: np.ndarray, row: int, col: int, image_size: int, padding: int = 2) -> np.ndarray:
+    """Tile (row, col) of a `grid_hwc` picture (H', W', C) as an (image_size, image_size, C) array."""
+    top, left = padding + row * (image_size + padding), padding + col * (image_size + padding)
+    tile = grid[top : top + image_size, left : left + image_size]
+    if tile.shape[:2] != (image_size, image_size):
+        raise ValueError(f"grid of shape {grid.shape} has no {image_size}px tile at row {row}, column {col}")
+    return tile
+
+
+def labelled_table(cells: list[list[np.ndarray]], col_labels: list[str], row_labels: list[str],
+                   scale: int = 1, gap: int = 2) -> np.ndarray:
+    """A white-background table of equal-size (S, S, 3) uint8 cells with column headers and row labels.
+
+    `cells[r][c]` is drawn at row r, column c, each upscaled `scale` times (nearest neighbour, so pixels stay
+    pixels); headers may hold several lines ("\\n"). Text uses PIL's default font. Returns (H, W, 3) uint8.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if len(cells) != len(row_labels) or any(len(r) != len(col_labels) for r in cells):
+        raise ValueError(f"cells must be {len(row_labels)} rows x {len(col_labels)} columns")
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        box = probe.multiline_textbbox((0, 0), text, font=font)
+        return box[2] - box[0], box[3] - box[1]
+
+    cell = cells[0][0].shape[0] * scale
+    col_w = max([cell] + [size(t)[0] + 2 * gap for t in col_labels])
+    head_h = max(size(t)[1] for t in col_labels) + 3 * gap
+    label_w = max(size(t)[0] for t in row_labels) + 3 * gap
+    width, height = label_w + len(col_labels) * (col_w + gap), head_h + len(row_labels) * (cell + gap)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(col_labels):
+        x = label_w + c * (col_w + gap) + (col_w - size(text)[0]) // 2
+        draw.multiline_text((x, gap), text, fill="black", font=font, align="center")
+    for r, text in enumerate(row_labels):
+        y = head_h + r * (cell + gap)
+        draw.text((gap, y + (cell - size(text)[1]) // 2), text, fill="black", font=font)
+        for c in range(len(col_labels)):
+            tile = Image.fromarray(cells[r][c]).resize((cell, cell), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label_w + c * (col_w + gap) + (col_w - cell) // 2, y))
+    return np.asarray(canvas)

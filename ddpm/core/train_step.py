@@ -1,6 +1,7 @@
 """One optimisation step of L_simple, free of host-device synchronisation.
 
-Everything the logs need (loss, loss per quarter of the timestep range, gradient norm, skipped steps)
+The optimised loss is L_simple weighted per example (`train.loss_weighting`); everything the logs need (the
+unweighted loss, loss per quarter of the timestep range, gradient norm, skipped steps)
 is accumulated in tensors on the device and read back by `StepStats.read` every `tracking.log_every`
 steps. A step whose loss or gradients are not finite is skipped on the device: the fused AdamW kernel
 takes a `found_inf` flag (the protocol GradScaler uses) and leaves parameters and moments untouched.
@@ -109,16 +110,20 @@ class StepContext:
     p_uncond: float
     grad_clip: float
     grad_accum: int
+    loss_weighting: str = "uniform"  # uniform | min_snr (GaussianDiffusion.loss_weights)
+    min_snr_gamma: float = 5.0
 
     @classmethod
     def from_config(cls, tc: TrainConfig, *, model: nn.Module, diffusion: GaussianDiffusion,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                     generator: torch.Generator, device: torch.device, null_label: int | None,
                     ranks: Ranks = Ranks()) -> StepContext:
-        """The context of a run with the train settings `tc` (precision, p_uncond, grad_clip, grad_accum)."""
+        """The context of a run with the train settings `tc` (precision, p_uncond, grad_clip, grad_accum, loss
+        weighting)."""
         return cls(model=model, diffusion=diffusion, optimizer=optimizer, scaler=scaler, generator=generator,
                    precision=tc.precision, device=device, ranks=ranks, null_label=null_label,
-                   p_uncond=tc.p_uncond, grad_clip=tc.grad_clip, grad_accum=tc.grad_accum)
+                   p_uncond=tc.p_uncond, grad_clip=tc.grad_clip, grad_accum=tc.grad_accum,
+                   loss_weighting=tc.loss_weighting, min_snr_gamma=tc.min_snr_gamma)
 
 
 def _global_then_local(ctx: StepContext, local_batch: int, make) -> torch.Tensor:
@@ -152,7 +157,11 @@ def _micro_step(ctx: StepContext, x0: torch.Tensor, y: torch.Tensor, stats: Step
     with contextlib.nullcontext() if sync or no_sync is None else no_sync():
         with autocast(ctx.precision, dev):
             losses = ctx.diffusion.training_losses(ctx.model, x0, t, y, noise=noise)  # (B,)
-        loss = losses.float().mean() / ctx.grad_accum
+        weights = ctx.diffusion.loss_weights(t, ctx.loss_weighting, ctx.min_snr_gamma)  # (B,) all ones if uniform
+        # the weighted mean is optimised; the logs (total and per quarter) keep the unweighted L_simple, so runs
+        # with different weightings stay comparable. A non-finite loss stays non-finite after weighting
+        # (weights are finite and > 0), so the step is skipped as before.
+        loss = (losses.float() * weights).mean() / ctx.grad_accum
         (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
     stats.add_losses(losses, t, T)
     return loss

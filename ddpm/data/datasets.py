@@ -1,6 +1,7 @@
 """The `prepare` stage: turn a raw image source into one compact, hashed uint8 dataset file.
 
-`prepare(cfg, out_dir)` reads CIFAR-10, an ImageFolder-style directory or the synthetic shapes,
+`prepare(cfg, out_dir)` reads CIFAR-10, an ImageFolder-style directory (or a .tar / .tar.gz / .tgz / .zip
+archive of one, read without extracting) or the synthetic shapes,
 splits off a held-out set, and writes `out_dir/dataset.npz` (train/eval images uint8 (N, 3, H, W),
 labels int64, class names) plus `out_dir/meta.json`. `load_prepared(out_dir)` reads it back as
 tensors for training and evaluation. Every check runs before anything is written, so a failed
@@ -13,6 +14,7 @@ re-running prepare on the same input gives the same DVC hash and does not invali
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -41,6 +43,9 @@ CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_FILES = (*CIFAR10_TRAIN, "test_batch", "batches.meta")
 # torchvision's ImageFolder extensions; anything else in a class folder is skipped and counted.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# archives `data.folder` may name instead of a directory (read in memory, never extracted to disk)
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+ARCHIVE_JUNK = ("__MACOSX",)  # macOS zip metadata folders: never a class
 ARRAY_KEYS = ("train_images", "train_labels", "eval_images", "eval_labels", "class_names")
 
 
@@ -89,10 +94,10 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
 
 
-def _read_image(path: Path, size: int) -> np.ndarray | None:
-    """One image file as uint8 (3, size, size), or None when it is not a readable image."""
+def _read_image(path: Path | bytes, size: int) -> np.ndarray | None:
+    """One image file (a path or its bytes) as uint8 (3, size, size), or None when it is not a readable image."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
             return resize_center_crop(image, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -174,9 +179,87 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[st
     return classes, items, skipped
 
 
-def _load_folder(cfg: Config) -> _Split:
-    """An ImageFolder directory: `root/<class>/**/<image>`, classes = sorted subfolder names.
+def is_archive(path: Path) -> bool:
+    """Whether `path` names a file of a supported archive type (by its suffix)."""
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
+
+def _archive_files(path: Path) -> list[tuple[tuple[str, ...], bytes]]:
+    """Every regular file of a tar (any compression) or zip archive: (path parts, bytes), in archive order.
+
+    One sequential pass: a .tar.gz cannot seek, so reading member after member is what keeps it fast.
+    Names with absolute or '..' parts are refused (they cannot be meant as class folders).
+    """
+    files = []
+    try:
+        if path.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir():
+                        files.append((info.filename, zf.read(info)))
+        else:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    if member.isfile():
+                        f = tar.extractfile(member)
+                        files.append((member.name, f.read() if f else b""))
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
+        raise UserError(f"data.folder {path} is not a readable archive ({err}); re-create or re-download it") from None
+    out = []
+    for name, data in files:
+        parts = tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+        if name.startswith("/") or ".." in parts:
+            raise UserError(f"archive {path} holds the unsafe path {name!r}; re-create it with relative paths")
+        if parts and parts[0] not in ARCHIVE_JUNK:
+            out.append((parts, data))
+    return out
+
+
+def _unwrap(files: list[tuple[tuple[str, ...], bytes]]) -> list[tuple[tuple[str, ...], bytes]]:
+    """Drop a single top-level folder around the class folders (as in train/<class>/*.jpg).
+
+    It is unwrapped when every file lies below one folder and that folder holds sub-folders: a single
+    folder holding only files is itself a class.
+    """
+    tops = {parts[0] for parts, _ in files}
+    nested = all(len(parts) >= 3 for parts, _ in files)  # top/<class>/<file>
+    if len(tops) == 1 and files and nested:
+        return [(parts[1:], data) for parts, data in files]
+    return files
+
+
+def _list_archive(path: Path) -> tuple[list[str], list[tuple[str, bytes, int]], list[str]]:
+    """Class names, (relative name, bytes, label) triples and non-image files of an archive of class folders.
+
+    The same classes, order and skipped names as `_list_folder` on the extracted directory, so the
+    prepared arrays and their content hash do not depend on whether the folder was archived.
+    """
+    files = _unwrap(_archive_files(path))
+    classes = sorted({parts[0] for parts, _ in files if len(parts) >= 2 and not parts[0].startswith(".")})
+    if not classes:
+        raise UserError(
+            f"archive {path} has no class folders; archive one folder per class (<class name>/<image>), "
+            "optionally inside one top-level folder"
+        )
+    label_of = {name: i for i, name in enumerate(classes)}
+    # sorted by path components within each class, as sorted(Path) orders the directory walk
+    members = sorted((label_of[p[0]], p[1:], data) for p, data in files if len(p) >= 2 and p[0] in label_of)
+    items, skipped = [], []
+    for label, rest, data in members:
+        name = "/".join((classes[label], *rest))
+        if rest[-1].lower().endswith(IMAGE_EXTENSIONS):
+            items.append((name, data, label))
+        else:
+            skipped.append(name)
+    return classes, items, skipped
+
+
+def _load_folder(cfg: Config) -> _Split:
+    """An ImageFolder directory `root/<class>/**/<image>` (classes = sorted subfolder names), or an archive of one.
+
+    An archive (.tar, .tar.gz/.tgz, .zip) is read in memory without extracting; a single top-level folder
+    around its class folders is unwrapped. Either way the same images in the same order come out, so the
+    content hash is the same for a folder and its archive.
     Every image is converted to RGB, its shorter side resized to `image_size` and centre-cropped.
     Files that are not images (by extension) or cannot be decoded are SKIPPED AND COUNTED rather than
     fatal, because real folders carry stray files (.txt notes, thumbnails, a truncated download); the
@@ -185,16 +268,31 @@ def _load_folder(cfg: Config) -> _Split:
     """
     root = Path(cfg.data.folder or "")
     size = cfg.data.image_size
-    classes, items, skipped = _list_folder(root)
+    if is_archive(root):
+        classes, members, skipped = _list_archive(root)
+        items = [(name, label) for name, _, label in members]
+        sources = [data for _, data, _ in members]
+        where = lambda name: f"{root}:{name}"  # noqa: E731
+    else:
+        if root.is_file():
+            raise UserError(
+                f"data.folder {root} is a file but not a supported archive ({', '.join(ARCHIVE_SUFFIXES)}); "
+                "give a directory of class folders or such an archive"
+            )
+        classes, paths, skipped = _list_folder(root)
+        items = [(str(path.relative_to(root)), label) for path, label in paths]
+        sources = [path for path, _ in paths]
+        where = lambda name: str(root / name)  # noqa: E731
     with ThreadPoolExecutor(_workers()) as pool:
-        decoded = list(pool.map(lambda item: _read_image(item[0], size), items))
-    skipped += [str(path.relative_to(root)) for (path, _), img in zip(items, decoded) if img is None]
+        decoded = list(pool.map(lambda src: _read_image(src, size), sources))
+    del sources  # an archive's bytes: not needed once decoded
+    skipped += [name for (name, _), img in zip(items, decoded) if img is None]
     kept = [(img, label) for img, (_, label) in zip(decoded, items) if img is not None]
     labels = np.array([label for _, label in kept], dtype=np.int64)  # (N,)
     empty = [name for c, name in enumerate(classes) if not np.any(labels == c)]
     if empty:
         raise UserError(
-            f"class folder(s) {', '.join(str(root / e) for e in empty)} hold no readable images "
+            f"class folder(s) {', '.join(where(e) for e in empty)} hold no readable images "
             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
         )
     images = np.stack([img for img, _ in kept])  # (N, 3, S, S)

@@ -167,3 +167,40 @@ def class_accuracy(pred_labels: ArrayLike, target_labels: ArrayLike, num_classes
     counts = torch.bincount(target, minlength=num_classes)  # (C,)
     per_class = [float(h / c) if c > 0 else math.nan for h, c in zip(hits.tolist(), counts.tolist())]
     return float(correct.mean()), per_class
+
+
+CHANNEL_NAMES = ("r", "g", "b")
+
+
+def pixel_statistics(images_u8: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation, in 0-255 pixel units, of uint8 images (N, C, H, W).
+
+    Each channel's statistics pool every pixel of every image (the usual dataset normalisation constants),
+    so a sampler that saturates colours or leaves noise shows up as a std far from the real images'.
+    """
+    if images_u8.ndim != 4 or images_u8.shape[0] == 0:
+        raise UserError(f"pixel statistics need a non-empty batch (N, C, H, W), got shape {tuple(images_u8.shape)}")
+    x = images_u8.to(torch.float64).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return x.mean(dim=1).tolist(), x.std(dim=1, correction=0).tolist()
+
+
+def pixel_comparison(samples_u8: torch.Tensor, real_u8: torch.Tensor) -> dict:
+    """The samples' and the real images' per-channel pixel mean/std, and the worst relative gap of each.
+
+    `pixel_mean_rel_error` / `pixel_std_rel_error` = max over channels of |sample / real - 1|.
+    """
+    s_mean, s_std = pixel_statistics(samples_u8)
+    r_mean, r_std = pixel_statistics(real_u8)
+    names = CHANNEL_NAMES if len(s_mean) == 3 else tuple(str(c) for c in range(len(s_mean)))
+
+    def per_channel(values: list[float]) -> dict[str, float]:
+        return dict(zip(names, values, strict=True))
+
+    return {
+        "sample_pixel_mean": per_channel(s_mean),
+        "sample_pixel_std": per_channel(s_std),
+        "real_pixel_mean": per_channel(r_mean),
+        "real_pixel_std": per_channel(r_std),
+        "pixel_mean_rel_error": max(abs(s / r - 1) for s, r in zip(s_mean, r_mean) if r > 0),
+        "pixel_std_rel_error": max(abs(s / r - 1) for s, r in zip(s_std, r_std) if r > 0),
+    }

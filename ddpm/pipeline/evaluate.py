@@ -37,6 +37,7 @@ from ddpm.evaluation.metrics import (
     class_accuracy,
     feature_statistics,
     frechet_distance,
+    pixel_comparison,
     precision_recall,
 )
 from ddpm.pipeline.devices import resolve_device
@@ -186,6 +187,8 @@ def _evaluate(cfg: Config, paths: Layout, data, classifier, images, labels, meta
     # the classifier on ALL held-out real images: equals its own accuracy in metrics/classifier.json
     metrics["real_class_accuracy"] = class_accuracy(
         predict(classifier, data.eval_images, batch_size=500, device=device), data.eval_labels, num_classes)[0]
+    # per-channel pixel mean/std of the samples against ALL held-out real images (saturated colours, leftover noise)
+    metrics.update(pixel_comparison(images, data.eval_images))
     fid = _FidScorer(cfg, paths, device) if cfg.evaluate.fid else None
     if fid is not None:
         metrics.update(fid(images))

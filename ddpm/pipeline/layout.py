@@ -59,6 +59,11 @@ class Layout:
     def progress(self) -> Path:
         return self.root / "samples/progress"
 
+    @property
+    def progression(self) -> Path:
+        """The progress grids composed into one labelled figure (a column per checkpoint, a row per class)."""
+        return self.root / "samples/progression.png"
+
     # sample
     @property
     def grid(self) -> Path:

@@ -20,7 +20,7 @@ from ddpm.core.checkpoint import load_checkpoint, load_ema_model
 from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import configure_backends
-from ddpm.core.samplers import respaced_timesteps
+from ddpm.core.samplers import respaced_timesteps, visited_timesteps
 from ddpm.errors import UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
@@ -29,7 +29,8 @@ from ddpm.tracking.names import SAMPLES
 from ddpm.tracking.tracker import Tracker
 
 # the sample command's flags, by the SampleConfig field each one overrides
-SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance"}
+SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance",
+                "spacing": "--spacing"}
 
 
 @dataclass
@@ -91,7 +92,7 @@ def class_grid(lm: LoadedModel, settings: SamplerSettings, classes: list[int], p
 
 def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, seed: int, precision: str) -> np.ndarray:
     """The same seeds seen at `frames` timesteps from pure noise to the final image: one row per class."""
-    kept = respaced_timesteps(lm.diffusion.num_timesteps, settings.steps).tolist()
+    kept = visited_timesteps(lm.diffusion, settings.sampler, settings.steps, settings.spacing)
     idx = np.linspace(len(kept) - 1, 0, frames - 1).round().astype(int)  # from noise towards the data
     record = sorted({kept[i] for i in idx}, reverse=True)
     k = max(lm.config.model.num_classes, 1)
@@ -161,8 +162,9 @@ def _sample(cfg: Config, paths: Layout, lm: LoadedModel, tracker: Tracker) -> di
     grid = class_grid(lm, settings, classes, sc.grid_per_class, cfg.seed, sc.batch_size, precision)
     denoise = denoise_picture(lm, settings, sc.denoise_frames, cfg.seed, precision)
     images, labels = evaluation_set(lm, settings, sc.num_samples, cfg.seed + 1, sc.batch_size, precision)
-    meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "eta": settings.eta,
-            "guidance_scale": settings.guidance_scale, "precision": precision, "class_names": lm.class_names}
+    meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "spacing": settings.spacing,
+            "eta": settings.eta, "guidance_scale": settings.guidance_scale, "precision": precision,
+            "class_names": lm.class_names}
     save_png(paths.grid, grid)
     save_png(paths.denoise, denoise)
     save_samples(paths.samples, images, labels, meta)

@@ -41,6 +41,7 @@ from ddpm.data.datasets import PreparedData, check_class_count, load_prepared
 from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
+from ddpm.pipeline.progression import progression_figure
 from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
 from ddpm.tracking.names import TRAIN, final_train, grouped
@@ -329,7 +330,7 @@ def _progress_grid(run: Run, tracker, paths: Layout, store: ResumeStore) -> None
     per_class = tc.progress_per_class
     labels = balanced_labels(k * per_class, k).view(per_class, k).t().reshape(-1) if cfg.model.num_classes else None
     settings = SamplerSettings(sampler=tc.progress_sampler, steps=tc.progress_steps, eta=0.0,
-                               guidance_scale=tc.progress_guidance_scale)
+                               guidance_scale=tc.progress_guidance_scale, spacing=tc.progress_spacing)
     images, _ = generate(
         run.ema.model, run.diffusion, labels, settings, num=k * per_class,
         device=run.device, seed=cfg.seed, batch_size=tc.batch_size, precision=tc.precision,
@@ -350,6 +351,8 @@ def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
 
 def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) -> dict:
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
+    if not (paths.progress / f"step_{run.step:07d}.png").exists():
+        _progress_grid(run, tracker, paths)  # the final model always gets the progression's last column
     store.finish()
     # a run resumed from a finished (or late) checkpoint in a fresh directory logs nothing more: write
     # every output from the state itself
@@ -372,4 +375,16 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     if tracker is not None:
         tracker.log_final(final_train({k: v for k, v in metrics.items() if k != "timing"}))
         tracker.log_model(paths.ema, run.cfg, registered_name=run.cfg.tracking.register_model)
+    _write_progression(run, tracker, paths)
     return metrics
+
+
+def _write_progression(run: Run, tracker, paths: Layout) -> None:
+    """samples/progression.png from every stored progress grid (those of an interrupted run included)."""
+    figure = progression_figure(paths.progress, run.cfg.data.image_size, run.cfg.train.batch_size, run.class_names)
+    if figure is None:  # unreachable after _finish's final grid; kept so a missing figure is never silent
+        raise UserError(f"no progress grids in {paths.progress} to compose {paths.progression} from")
+    save_png(paths.progression, figure)
+    if tracker is not None:
+        tracker.log_image("progression", figure, step=run.step)  # MLflow stepped image + TensorBoard
+        tracker.log_artifact(paths.progression)

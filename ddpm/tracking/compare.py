@@ -1,4 +1,8 @@
-"""`python -m ddpm compare`: MLflow runs side by side (the params that differ, final metrics)."""
+"""`python -m ddpm compare`: MLflow runs side by side (the params that differ, final metrics).
+
+Plain text puts one run per column; `--markdown` puts one run per row (params that differ, then the chosen
+metrics), the shape of an ablation table for the README.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,12 @@ from ddpm.tracking.store import sqlite_path
 # --------------------------------------------------------------------------------------------
 
 
-def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str] | None = None) -> str:
-    """A plain-text table of runs side by side: names, the params that differ, and final metrics."""
+def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str] | None = None,
+                 markdown: bool = False, metrics: Sequence[str] | None = None) -> str:
+    """A table of runs: names, the params that differ, and final metrics (only `metrics` when given).
+
+    Plain text has one column per run; `markdown` gives a GitHub table with one row per run.
+    """
     from mlflow import MlflowClient
 
     db = sqlite_path(tracking_uri)
@@ -39,7 +47,9 @@ def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str]
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     if not runs:
         raise UserError(f"MLflow experiment {experiment_name!r} has no runs yet; run the pipeline first")
-    return _format_table(_comparison_rows(runs), [r.info.run_name or r.info.run_id[:8] for r in runs])
+    rows = _comparison_rows(runs, metrics)
+    names = [r.info.run_name or r.info.run_id[:8] for r in runs]
+    return _format_markdown(rows, names) if markdown else _format_table(rows, names)
 
 
 def _get_run(client: MlflowClient, run_id: str) -> Any:
@@ -52,8 +62,8 @@ def _get_run(client: MlflowClient, run_id: str) -> Any:
         raise UserError(f"MLflow run {run_id} not found; list the runs with `python -m ddpm compare`") from None
 
 
-def _comparison_rows(runs: Sequence[Any]) -> list[tuple[str, list[str]]]:
-    """(label, one cell per run) for the run id, status, differing params and final metrics.
+def _comparison_rows(runs: Sequence[Any], metrics: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(label, one cell per run) for the run id, status, differing params and final metrics (or `metrics`).
 
     Metric rows are sorted by name, so they come grouped by prefix (`eval/`, `train/final_`, ...).
     """
@@ -66,6 +76,11 @@ def _comparison_rows(runs: Sequence[Any]) -> list[tuple[str, list[str]]]:
     final = sorted({k for r in runs for k in final_keys(r.data.tags)})
     if not final:  # runs that never reached log_final: show their latest non-system metrics
         final = sorted({k for r in runs for k in r.data.metrics if not k.startswith(("system/", "resources/"))})
+    if metrics:
+        unknown = sorted(set(metrics) - {k for r in runs for k in r.data.metrics})
+        if unknown:
+            raise UserError(f"no run logged metric(s) {', '.join(unknown)}; the runs have e.g. {', '.join(final[:8])}")
+        final = list(metrics)
     for key in final:
         rows.append((key, [_fmt(r.data.metrics.get(key)) for r in runs]))
     return rows
@@ -82,4 +97,14 @@ def _format_table(rows: list[tuple[str, list[str]]], names: list[str]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _format_markdown(rows: list[tuple[str, list[str]]], names: list[str]) -> str:
+    """A GitHub markdown table: one row per run, one column per label ('|' in cells escaped)."""
+    esc = lambda text: text.replace("|", "\\|")  # noqa: E731
+    header = ["run", *(label for label, _ in rows)]
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for i, name in enumerate(names):
+        lines.append("| " + " | ".join(esc(c) for c in [name, *(cells[i] for _, cells in rows)]) + " |")
     return "\n".join(lines)
