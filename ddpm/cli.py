@@ -126,6 +126,14 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    """One positive integer (argparse type)."""
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -167,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_ints, default=[128], help="one or more, comma-separated (default 128)")
     b.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--rounds", type=_positive, default=3, help="interleaved timed rounds; the median is reported")
     b.add_argument("--precision", default="all", help="fp32, bf16, fp16 or all (those the device supports)")
     b.add_argument("--compile", choices=["on", "off", "both"], default="off")
     b.add_argument("--compile-mode", choices=list(get_args(CompileMode)), default="default",

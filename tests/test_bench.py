@@ -69,9 +69,12 @@ def test_run_bench_times_every_setting_and_reports_consistent_figures(monkeypatc
             assert r[key] > 0
         assert r["train_ratio_vs_diffusers"] == pytest.approx(
             r["train_images_per_s_ours"] / r["train_images_per_s_diffusers"])
+        assert r["sample_ratio_vs_diffusers"] == pytest.approx(
+            r["sample_images_per_s_per_nfe_ours"] / r["sample_images_per_s_per_nfe_diffusers"])
         assert "mfu_ours" not in r  # no peak FLOP/s is known for a CPU: no made-up MFU
     # the headline ratio is the least favourable setting, not the best one
     assert result["train_ratio_vs_diffusers"] == min(r["train_ratio_vs_diffusers"] for r in result["runs"])
+    assert result["sample_ratio_vs_diffusers"] == min(r["sample_ratio_vs_diffusers"] for r in result["runs"])
     # timed under training's backend settings (cuDNN autotuning on, not left at PyTorch's default)
     assert torch.backends.cudnn.benchmark is True
     table = format_table(result)
@@ -87,9 +90,13 @@ def test_bench_config_reference_is_the_ddpm_network():
 
 def test_bench_cli_prints_a_table_then_one_json_line(repo, capsys):
     code = main(["bench", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1",
-                 "--precision", "fp32", "--channels-last", "off"])
-    out = capsys.readouterr().out.strip().splitlines()
+                 "--precision", "fp32", "--channels-last", "off", "--rounds", "2"])
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert code == 0
+    # progress on stderr: the setting, then network, phase and round; 1 network x 2 phases x (1 warm-up + 2 x 1)
+    assert "setting 1/1: batch 2 fp32 eager NCHW" in captured.err
+    assert "ours sample round 2/2" in captured.err and "6/6" in captured.err
     figures = json.loads(out[-1])
     assert figures["runs"][0]["batch_size"] == 2 and figures["runs"][0]["channels_last"] is False
     assert out[0].startswith("device: cpu")
@@ -101,6 +108,7 @@ def test_bench_cli_prints_a_table_then_one_json_line(repo, capsys):
         (["--batch-size", "0"], "positive integers"),
         (["--batch-size", "64,x"], "positive integers"),
         (["--compile-mode", "fastest"], "invalid choice"),
+        (["--rounds", "0"], "positive integer"),
     ],
 )
 def test_bench_cli_rejects_bad_options(repo, capsys, argv, fragment):
