@@ -162,6 +162,14 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    """One positive integer (argparse type)."""
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def _guidance_sweep(cfg: Config, text: str) -> list[float]:
     """--guidance-sweep '0,1,2', checked by the rules of evaluate.guidance_sweep; errors name the flag."""
     try:
@@ -206,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_ints, default=[128], help="one or more, comma-separated (default 128)")
     b.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--rounds", type=_positive, default=3, help="interleaved timed rounds; the median is reported")
     b.add_argument("--precision", default="all", help="fp32, bf16, fp16 or all (those the device supports)")
     b.add_argument("--compile", choices=["on", "off", "both"], default="off")
     b.add_argument("--compile-mode", choices=list(get_args(CompileMode)), default="default",

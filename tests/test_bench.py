@@ -103,9 +103,13 @@ def test_bench_config_reference_is_the_ddpm_network():
 
 def test_bench_cli_prints_a_table_then_one_json_line(repo, capsys):
     code = main(["bench", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "1",
-                 "--precision", "fp32", "--channels-last", "off"])
-    out = capsys.readouterr().out.strip().splitlines()
+                 "--precision", "fp32", "--channels-last", "off", "--rounds", "2"])
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert code == 0
+    # progress on stderr: the setting, then network, phase and round; 1 network x 2 phases x (1 warm-up + 2 x 1)
+    assert "setting 1/1: batch 2 fp32 eager NCHW" in captured.err
+    assert "ours sample round 2/2" in captured.err and "6/6" in captured.err
     figures = json.loads(out[-1])
     assert figures["runs"][0]["batch_size"] == 2 and figures["runs"][0]["channels_last"] is False
     assert out[0].startswith("device: cpu")
@@ -117,6 +121,7 @@ def test_bench_cli_prints_a_table_then_one_json_line(repo, capsys):
         (["--batch-size", "0"], "positive integers"),
         (["--batch-size", "64,x"], "positive integers"),
         (["--compile-mode", "fastest"], "invalid choice"),
+        (["--rounds", "0"], "positive integer"),
     ],
 )
 def test_bench_cli_rejects_bad_options(repo, capsys, argv, fragment):

@@ -7,7 +7,10 @@ error, never a silent fallback.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +18,10 @@ import torch
 from ddpm.config import DeviceName, Precision
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# glibc's mallopt() parameter numbers (<malloc.h>)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
 
 
 def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
@@ -57,6 +64,36 @@ def configure_backends(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def configure_cpu_allocator(device: torch.device) -> bool:
+    """Keep freed tensor memory in the process on a Linux/glibc CPU run; returns whether it was applied.
+
+    PyTorch's CPU allocator is plain malloc, and every step frees and re-allocates the same activations.
+    glibc's defaults hand that memory back to the kernel: blocks above the mmap threshold (at most 32 MiB)
+    are munmap()ped when freed, and the top of the heap is brk()-trimmed once more than the trim threshold
+    is free there. The next step faults every page in again and the kernel zeroes it (measured on the
+    quickstart: ~14,000 minor faults per training step, ~500,000 per guided sampling evaluation of
+    500 images). Two documented mallopt() settings stop that: M_MMAP_MAX=0 (large blocks come from the
+    heap too, where freed memory is reused) and M_TRIM_THRESHOLD=-1 (never trim). Resident memory then
+    stays at the run's peak instead of oscillating up to it every step.
+
+    Only for the CPU: on CUDA the tensors live in PyTorch's caching allocator and the host side is small,
+    so the process keeps glibc's defaults. A no-op elsewhere (macOS, Windows, musl). Explicit, never at import:
+    it changes the whole process's allocator (train, sample and bench call it once the device is known).
+    """
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: mallopt's parameter numbers are glibc's
+        return False
+    # mallopt returns 1 on success; both settings apply to every arena from the next allocation / free() on
+    mmap_off = libc.mallopt(_M_MMAP_MAX, 0)
+    trim_off = libc.mallopt(_M_TRIM_THRESHOLD, -1)
+    return bool(mmap_off and trim_off)
 
 
 @dataclass(frozen=True)

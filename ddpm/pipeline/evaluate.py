@@ -15,7 +15,7 @@ import torch
 
 from ddpm.config import Config
 from ddpm.core.generate import SamplerSettings
-from ddpm.core.runtime import configure_backends
+from ddpm.core.runtime import configure_backends, configure_cpu_allocator
 from ddpm.data.datasets import load_prepared
 from ddpm.errors import UserError
 from ddpm.evaluation.classifier import (
@@ -212,6 +212,7 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
         return []
     configure_backends(cfg.train.deterministic)
     lm = load_model(paths.ema, cfg)
+    configure_cpu_allocator(lm.device)
     check_steps(lm, cfg.sample.steps, "sample.steps")
     rows = []
     for w in scales:

@@ -29,6 +29,7 @@ from ddpm.core.runtime import (
     Ranks,
     close_distributed,
     configure_backends,
+    configure_cpu_allocator,
     device_description,
     init_distributed,
     ranks_from_env,
@@ -185,6 +186,7 @@ def train(cfg: Config, paths: Layout) -> dict:
     configure_backends(cfg.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting)
     device = resolve_device(cfg.train.device, ranks.local_rank)
     check_precision(cfg.train.precision, device)
+    configure_cpu_allocator(device)  # CPU: freed activations stay in the process (no page faults per step)
     init_distributed(ranks, device)
     try:
         return _train(cfg, paths, ranks, device)
