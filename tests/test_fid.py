@@ -236,7 +236,7 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     monkeypatch.setattr(evaluate_mod, "InceptionFeatures", lambda *a, **k: built.append(1) or real(*a, **k))
     metrics = evaluate_mod.evaluate_stage(cfg, paths)
     assert len(built) == 1
-    assert metrics["fid"] > 0 and metrics["inception_score"] >= 1.0
+    assert metrics["fid_20"] > 0 and metrics["inception_score_20"] >= 1.0  # named by the sample count
     sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
-    assert sweep[0].split("\t")[-1] == "fid" and len(sweep) == 3
-    assert all(float(r.split("\t")[-1]) > 0 for r in sweep[1:])
+    assert sweep[0].split("\t")[-2:] == ["fid", "fid_samples"] and len(sweep) == 3
+    assert all(float(r.split("\t")[-2]) > 0 and r.split("\t")[-1] == "20" for r in sweep[1:])
