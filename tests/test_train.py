@@ -386,8 +386,9 @@ def test_progress_grid_rows_are_the_classes_in_order(tmp_path, monkeypatch):
                                        8, 8, 8, 9, 9, 9]
     assert (seen["settings"].steps, seen["settings"].guidance_scale) == (4, 1.0)  # train.progress_* settings
     grid = np.array(Image.open(paths.progress / "step_0000003.png"))  # (H, W, 3): 10 rows x 3 columns of 16 px
-    assert grid.shape == (2 + 10 * 18, 2 + 3 * 18, 3)
-    centres = grid[2 + 8 :: 18, 2 + 8 :: 18, 0]  # (10, 3): one pixel inside each tile
+    f = 5  # 56 px wide, enlarged nearest-neighbour by the smallest whole factor reaching 256 px
+    assert grid.shape == (f * (2 + 10 * 18), f * (2 + 3 * 18), 3)
+    centres = grid[f * (2 + 8) :: f * 18, f * (2 + 8) :: f * 18, 0]  # (10, 3): one pixel inside each tile
     assert centres.tolist() == [[20 * k] * 3 for k in range(10)]
 
 

@@ -354,7 +354,7 @@ def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
 def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) -> dict:
     """Write the stage outputs: EMA checkpoint, run info, metrics (reproducible numbers apart from timings)."""
     if not (paths.progress / f"step_{run.step:07d}.png").exists():
-        _progress_grid(run, tracker, paths)  # the final model always gets the progression's last column
+        _progress_grid(run, tracker, paths, store)  # the final model always gets the progression's last column
     store.finish()
     # a run resumed from a finished (or late) checkpoint in a fresh directory logs nothing more: write
     # every output from the state itself
