@@ -107,7 +107,7 @@ def test_each_stage_finishes_its_run_and_a_crash_mid_stage_marks_it_failed(pipel
     monkeypatch.setattr(evaluate_mod, "offline_metrics", real_metrics)
     evaluate_stage(cfg, paths)
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and "eval_class_accuracy" in run.data.metrics
+    assert run.info.status == "FINISHED" and "eval/class_accuracy" in run.data.metrics
     assert [r.info.run_id for r in _runs(repo)] == [run_id]  # one pipeline run throughout
 
 
@@ -152,7 +152,7 @@ def test_sigterm_marks_the_run_killed_in_train_sample_and_evaluate(pipeline):
     # train: long enough to be stopped mid-loop; SIGTERM checkpoints and ends the run KILLED
     _write(repo, _params(train={**tiny_params()["train"], "steps": 5000, "checkpoint_every": 1000}))
     proc = _start(repo, "train")
-    run = _wait_running(repo, proc, metric="loss")
+    run = _wait_running(repo, proc, metric="train/loss")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in proc.stderr.read()
@@ -189,7 +189,7 @@ def test_sigkill_before_the_first_checkpoint_is_continued_in_the_same_run(pipeli
     params = _params(train={**tiny_params()["train"], "steps": 40, "checkpoint_every": 1000, "sample_every": 0})
     _write(repo, params)
     proc = _start(repo, "train")
-    orphan = _wait_running(repo, proc, metric="loss")  # training is under way
+    orphan = _wait_running(repo, proc, metric="train/loss")  # training is under way
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     (key,) = list((repo / ".resume").iterdir())
@@ -203,6 +203,6 @@ def test_sigkill_before_the_first_checkpoint_is_continued_in_the_same_run(pipeli
     assert [r.info.run_id for r in runs] == [orphan.info.run_id]  # the same run, no new one
     assert runs[0].info.status == "FINISHED"
     assert [p.name for p in (repo / "logs/tensorboard").iterdir()] == [orphan.data.tags["ddpm.tensorboard_dir"]]
-    steps = {m.step for m in _client(repo).get_metric_history(orphan.info.run_id, "loss")}
+    steps = {m.step for m in _client(repo).get_metric_history(orphan.info.run_id, "train/loss")}
     assert steps == set(range(1, 41))
     assert read_run_id(Layout.under(repo).train_run) == orphan.info.run_id

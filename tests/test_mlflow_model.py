@@ -104,7 +104,7 @@ def test_metric_names_are_grouped_and_the_same_in_tensorboard(pipeline):
     assert {"train/loss", "train/lr", "train/bad_steps_total", "train/final_loss", "eval/class_accuracy",
             "sweep/class_accuracy", "resources/rss_mb"} <= mlflow_keys
     assert [m.step for m in client.get_metric_history(run.info.run_id, "sweep/class_accuracy")] == [0, 100]
-    assert set(acc.Tags()["images"]) == {"train/progress", "samples/grid"}
+    assert set(acc.Tags()["images"]) == {"train/progress", "train/progression", "samples/grid"}
 
 
 def test_grids_are_viewable_and_samples_stay_raw(pipeline):

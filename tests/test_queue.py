@@ -109,8 +109,8 @@ def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace
         assert run.info.status == "FINISHED", name
         assert run.data.tags["dvc.exp_name"] == name
         # no lost rows under concurrent SQLite writes: steps 2, 4, 6 (train.steps 6, tracking.log_every 2)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
-        assert float(table[name]["fd_classifier_20"]) == pytest.approx(run.data.metrics["eval_fd_classifier_20"])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6]
+        assert float(table[name]["fd_classifier_20"]) == pytest.approx(run.data.metrics["eval/fd_classifier_20"])
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"ema.pt", "grid.png"}
         assert (repo / "logs/tensorboard" / name).is_dir()  # TensorBoard under the parent's logs/
     a, b = runs["q-cosine"].info, runs["q-linear"].info
@@ -129,7 +129,7 @@ def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace
     child = runs["t-guided"]
     assert child.info.status == "FINISHED" and child.data.params["sample.guidance_scale"] == "3.0"
     assert child.data.tags["mlflow.parentRunId"] == runs["q-linear"].info.run_id
-    assert "eval_class_accuracy" in child.data.metrics
+    assert "eval/class_accuracy" in child.data.metrics
     assert runs["q-linear"].data.params["sample.guidance_scale"] == "2.0"  # its own results stay its own
     _assert_unchanged(before, _state(repo))
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))  # DVC removed its temporary copies

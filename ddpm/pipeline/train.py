@@ -388,5 +388,5 @@ def _write_progression(run: Run, tracker, paths: Layout) -> None:
         raise UserError(f"no progress grids in {paths.progress} to compose {paths.progression} from")
     save_png(paths.progression, figure)
     if tracker is not None:
-        tracker.log_image("progression", figure, step=run.step)  # MLflow stepped image + TensorBoard
+        tracker.log_image(f"{TRAIN}/progression", figure, step=run.step)  # MLflow stepped image + TensorBoard
         tracker.log_artifact(paths.progression)
