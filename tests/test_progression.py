@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ddpm.core.images import grid_hwc, grid_tile, save_png
 from ddpm.pipeline.progression import column_label, progress_grids, progression_figure
@@ -58,3 +59,27 @@ def test_progression_columns_follow_the_steps_and_rows_the_classes(tmp_path):
     left = int(min(x for _, x in centres.values())) - 24
     assert (fig[:top] < 128).any() and (fig[top:, :left] < 128).any()
     assert progression_figure(tmp_path / "empty", S, 64, ["cat"]) is None
+
+
+def test_grids_stored_enlarged_give_the_same_figure(tmp_path):
+    """Training stores its grids enlarged for viewing (`viewable`); the figure reads the raw tiles all the same."""
+    from ddpm.core.images import viewable
+
+    raw, big = tmp_path / "raw", tmp_path / "big"
+    for step in (100, 200):
+        save_png(raw / f"step_{step:07d}.png", _grid(step, classes=3))
+        save_png(big / f"step_{step:07d}.png", viewable(_grid(step, classes=3)))
+    assert np.asarray(Image.open(big / "step_0000100.png")).shape[1] >= 256
+    names = ["cat", "dog", "ship"]
+    assert np.array_equal(progression_figure(big, S, 64, names), progression_figure(raw, S, 64, names))
+
+
+def test_an_unconditional_run_has_one_row(tmp_path):
+    from ddpm.core.images import viewable
+
+    save_png(tmp_path / "step_0000010.png", viewable(_grid(10, classes=1)))
+    fig = progression_figure(tmp_path, S, 64, [])
+    ys, _ = np.nonzero(np.all(fig == [0, 10, 7], axis=2))
+    assert len(ys) == 48 * 48  # the one cell, 6x upscaled
+    with pytest.raises(ValueError, match="not 3 row"):
+        progression_figure(tmp_path, S, 64, ["cat", "dog", "ship"])  # a 1-row grid read as 3 classes

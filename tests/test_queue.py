@@ -111,7 +111,8 @@ def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace
         # no lost rows under concurrent SQLite writes: steps 2, 4, 6 (train.steps 6, tracking.log_every 2)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6]
         assert float(table[name]["fd_classifier_20"]) == pytest.approx(run.data.metrics["eval/fd_classifier_20"])
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"ema.pt", "grid.png"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "progression.png"}
+        assert len(client.get_run(run.info.run_id).outputs.model_outputs) == 1  # the EMA network, an MLflow model
         assert (repo / "logs/tensorboard" / name).is_dir()  # TensorBoard under the parent's logs/
     a, b = runs["q-cosine"].info, runs["q-linear"].info
     assert a.start_time < b.end_time and b.start_time < a.end_time  # the two ran at the same time

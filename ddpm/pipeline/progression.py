@@ -33,6 +33,16 @@ def column_label(step: int, batch_size: int) -> str:
     return f"step {step:,}\n{step * batch_size / 1000:g}k img"
 
 
+def _unenlarged(grid: np.ndarray, rows: int, image_size: int, padding: int = 2) -> np.ndarray:
+    """A stored grid at its raw size: training saves grids enlarged nearest-neighbour by a whole factor
+    (`core.images.viewable`), so every k-th pixel of the file is the raw grid of `rows` rows."""
+    raw_height = padding + rows * (image_size + padding)
+    k = grid.shape[0] // raw_height
+    if k < 1 or grid.shape[0] != k * raw_height or grid.shape[1] % k:
+        raise ValueError(f"grid of shape {grid.shape} is not {rows} row(s) of {image_size}px images at any scale")
+    return grid[::k, ::k]  # (H'/k, W'/k, 3)
+
+
 def progression_figure(progress_dir: Path, image_size: int, batch_size: int,
                        class_names: list[str]) -> np.ndarray | None:
     """The labelled (H, W, 3) uint8 table of every stored grid's first sample per class; None without grids."""
@@ -40,7 +50,8 @@ def progression_figure(progress_dir: Path, image_size: int, batch_size: int,
     if not grids:
         return None
     rows = max(len(class_names), 1)
-    pictures = [np.asarray(Image.open(path).convert("RGB")) for _, path in grids]  # each (H', W', 3)
+    pictures = [_unenlarged(np.asarray(Image.open(path).convert("RGB")), rows, image_size)  # each (H', W', 3)
+                for _, path in grids]
     cells = [[grid_tile(pic, r, 0, image_size) for pic in pictures] for r in range(rows)]
     labels = [column_label(step, batch_size) for step, _ in grids]
     scale = max(1, math.ceil(MIN_CELL_PX / image_size))

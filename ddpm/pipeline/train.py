@@ -383,7 +383,8 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
 
 def _write_progression(run: Run, tracker, paths: Layout) -> None:
     """samples/progression.png from every stored progress grid (those of an interrupted run included)."""
-    figure = progression_figure(paths.progress, run.cfg.data.image_size, run.cfg.train.batch_size, run.class_names)
+    rows = run.class_names if run.cfg.model.num_classes else []  # an unconditional model's grid: one row
+    figure = progression_figure(paths.progress, run.cfg.data.image_size, run.cfg.train.batch_size, rows)
     if figure is None:  # unreachable after _finish's final grid; kept so a missing figure is never silent
         raise UserError(f"no progress grids in {paths.progress} to compose {paths.progression} from")
     save_png(paths.progression, figure)
