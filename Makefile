@@ -43,7 +43,29 @@ CIFAR_CPU_PARAMS := \
 	-S 'evaluate.guidance_sweep=[0.0,1.0,2.0,3.0,4.0]' -S evaluate.sweep_samples=500 \
 	-S tracking.experiment=cifar-cpu -S tracking.log_every=50
 
-.PHONY: venv quickstart cifar-cpu docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
+# Ablations through DVC's own queue (README *Results*): each grid point is a queued `dvc exp run` in a
+# temporary copy, one MLflow run each in the experiment named by tracking.experiment; `ablate-samplers`
+# re-samples one cached training (only the sample and evaluate stages run). `make ablate-... ` waits for the
+# queue; `python -m ddpm compare --experiment ablate-quickstart --markdown` prints the table.
+ABLATE_STEPS  ?= 900
+ABLATE_RECIPE ?= -S schedule=cosine -S diffusion.prediction=v -S train.loss_weighting=min_snr
+ABLATE_JOBS   ?= 1
+ABLATE_WAIT   := while dvc queue status | grep -qE 'Queued|Running'; do sleep 20; done; dvc queue status
+
+ablate-quickstart: venv
+	dvc exp run --queue $(QUICKSTART_PARAMS) -S train.steps=$(ABLATE_STEPS) -S tracking.experiment=ablate-quickstart \
+		-S 'schedule=linear,cosine' -S 'diffusion.prediction=eps,v' -S 'train.loss_weighting=uniform,min_snr'
+	dvc queue start -j $(ABLATE_JOBS)
+	$(ABLATE_WAIT)
+
+ablate-samplers: venv
+	dvc exp run --queue $(QUICKSTART_PARAMS) -S train.steps=$(ABLATE_STEPS) -S tracking.experiment=ablate-quickstart \
+		$(ABLATE_RECIPE) -S 'evaluate.guidance_sweep=[]' \
+		-S 'sample.sampler=ddim,dpm_solver' -S 'sample.steps=10,25,50' -S 'sample.spacing=time,logsnr'
+	dvc queue start -j $(ABLATE_JOBS)
+	$(ABLATE_WAIT)
+
+.PHONY: venv quickstart cifar-cpu ablate-quickstart ablate-samplers docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
 
 venv: $(VENV)/.installed
 

@@ -142,7 +142,8 @@ def _cmd_compare(cfg: Config, args) -> None:
 
     metrics = [m for m in (args.metrics or "").split(",") if m] or None
     print(compare_runs(args.experiment or cfg.tracking.experiment, tracking_uri(repo_root()),
-                       run_ids=args.runs or None, markdown=args.markdown, metrics=metrics))
+                       run_ids=args.runs or None, markdown=args.markdown, metrics=metrics,
+                       where=args.where, sort=args.sort))
 
 
 def _cmd_bench(cfg: Config, args) -> None:
@@ -209,6 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="*", help="run ids (default: every run of the experiment)")
     c.add_argument("--markdown", action="store_true", help="a markdown table, one row per run (for the README)")
     c.add_argument("--metrics", help="comma-separated metric names to show (default: every final metric)")
+    c.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs whose param KEY equals VALUE (repeatable), e.g. sample.sampler=dpm_solver")
+    c.add_argument("--sort", metavar="[-]METRIC", help="order runs by a final metric ('-' prefix: descending)")
     c.set_defaults(fn=_cmd_compare)
     b = sub.add_parser("bench", help="training and sampling throughput (optionally against diffusers)")
     b.add_argument("--batch-size", type=_ints, default=[128], help="one or more, comma-separated (default 128)")

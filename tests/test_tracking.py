@@ -481,3 +481,26 @@ def test_compare_markdown_is_one_row_per_run_with_chosen_metrics(repo):
     assert cells[3][3:] == ["cosine", "15.5"]
     with pytest.raises(UserError, match="no run logged metric"):
         compare_runs("md", tracking_uri(repo), markdown=True, metrics=["fdi"])
+
+
+def test_compare_selects_runs_by_params_and_sorts_by_metric(repo):
+    for schedule, steps, fid in (("linear", 10, 30.0), ("cosine", 10, 12.0), ("cosine", 25, 20.0)):
+        cfg = _cfg(schedule=schedule, sample={"steps": steps},
+                   tracking={"experiment": "sel", "tensorboard": False, "system_metrics": False})
+        with Tracker.start(cfg, repo, f"{schedule}-{steps}") as tracker:
+            tracker.log_final({"fid": fid})
+    names = lambda text: [line.split(" | ")[0].strip("| ") for line in text.splitlines()[2:]]  # noqa: E731
+    uri = tracking_uri(repo)
+    assert names(compare_runs("sel", uri, markdown=True, where=["schedule=cosine"])) == ["cosine-10", "cosine-25"]
+    assert names(compare_runs("sel", uri, markdown=True, where=["schedule=cosine", "sample.steps=25"])) == [
+        "cosine-25"]
+    assert names(compare_runs("sel", uri, markdown=True, sort="fid")) == ["cosine-10", "cosine-25", "linear-10"]
+    assert names(compare_runs("sel", uri, markdown=True, sort="-fid")) == ["linear-10", "cosine-25", "cosine-10"]
+    with pytest.raises(UserError, match="no run has this param"):
+        compare_runs("sel", uri, where=["schedul=cosine"])
+    with pytest.raises(UserError, match="not KEY=VALUE"):
+        compare_runs("sel", uri, where=["schedule"])
+    with pytest.raises(UserError, match="no run matches"):
+        compare_runs("sel", uri, where=["schedule=sigmoid"])
+    with pytest.raises(UserError, match="no run logged this metric"):
+        compare_runs("sel", uri, sort="fdi")

@@ -24,10 +24,13 @@ from ddpm.tracking.store import sqlite_path
 
 
 def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str] | None = None,
-                 markdown: bool = False, metrics: Sequence[str] | None = None) -> str:
+                 markdown: bool = False, metrics: Sequence[str] | None = None,
+                 where: Sequence[str] = (), sort: str | None = None) -> str:
     """A table of runs: names, the params that differ, and final metrics (only `metrics` when given).
 
-    Plain text has one column per run; `markdown` gives a GitHub table with one row per run.
+    `where` keeps the runs whose params equal each `key=value` (e.g. `sample.sampler=ddim`); `sort` orders
+    them by a metric, ascending, or descending with a leading '-'. Plain text has one column per run;
+    `markdown` gives a GitHub table with one row per run.
     """
     from mlflow import MlflowClient
 
@@ -47,9 +50,37 @@ def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str]
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     if not runs:
         raise UserError(f"MLflow experiment {experiment_name!r} has no runs yet; run the pipeline first")
+    runs = _select(runs, where)
+    if sort:
+        runs = _sorted_by_metric(runs, sort)
     rows = _comparison_rows(runs, metrics)
     names = [r.info.run_name or r.info.run_id[:8] for r in runs]
     return _format_markdown(rows, names) if markdown else _format_table(rows, names)
+
+
+def _select(runs: Sequence[Any], where: Sequence[str]) -> list[Any]:
+    """The runs whose params match every `key=value` of `where` (string equality, as MLflow stores params)."""
+    known = {k for r in runs for k in r.data.params}
+    for cond in where:
+        key, sep, value = cond.partition("=")
+        if not sep or not key:
+            raise UserError(f"--where {cond!r} is not KEY=VALUE; write e.g. --where sample.sampler=ddim")
+        if key not in known:
+            raise UserError(f"--where {key!r}: no run has this param; params are e.g. {', '.join(sorted(known)[:8])}")
+        runs = [r for r in runs if r.data.params.get(key) == value]
+    if not runs:
+        raise UserError(f"no run matches --where {' '.join(where)}; list the runs without --where")
+    return list(runs)
+
+
+def _sorted_by_metric(runs: Sequence[Any], sort: str) -> list[Any]:
+    """Runs ordered by a metric (a leading '-' for descending); runs without it go last."""
+    key, descending = sort.removeprefix("-"), sort.startswith("-")
+    if not any(key in r.data.metrics for r in runs):
+        raise UserError(f"--sort {key!r}: no run logged this metric; pick one of the table's metric rows")
+    present = sorted((r for r in runs if key in r.data.metrics), key=lambda r: r.data.metrics[key],
+                     reverse=descending)
+    return present + [r for r in runs if key not in r.data.metrics]
 
 
 def _get_run(client: MlflowClient, run_id: str) -> Any:
