@@ -93,6 +93,8 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
     assert sweep[0].split("\t")[:3] == ["guidance_scale", "samples", "class_accuracy"]
     assert {r.split("\t")[1] for r in sweep[1:]} == {"20"}
     assert [float(r.split("\t")[0]) for r in sweep[1:]] == list(cfg.evaluate.guidance_sweep)
+    col = sweep[0].split("\t").index("pixel_std_rel_error")  # per scale: guidance widens the colours
+    assert all(0.0 <= float(r.split("\t")[col]) < 10 for r in sweep[1:])
 
 
 # ----------------------------------------------------------------------------------- real DVC runs

@@ -47,8 +47,8 @@ from ddpm.tracking.files import write_metrics, write_tsv
 from ddpm.tracking.names import EVAL, SWEEP, grouped
 from ddpm.tracking.tracker import Tracker
 
-SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall", "fid",
-                 "fid_samples"]
+SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall",
+                 "pixel_mean_rel_error", "pixel_std_rel_error", "fid", "fid_samples"]
 
 
 def classifier_stage(cfg: Config, paths: Layout) -> dict:
@@ -197,13 +197,16 @@ def _evaluate(cfg: Config, paths: Layout, data, classifier, images, labels, meta
     if labels.min() < 0:
         metrics["guidance_sweep"] = UNCONDITIONAL
         scales = []
-    rows = _guidance_sweep(cfg, paths, classifier, real_feats, num_classes, scales, fid)
+    rows = _guidance_sweep(cfg, paths, classifier, real_feats, data.eval_images, num_classes, scales, fid)
     return metrics, rows
 
 
-def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarray, num_classes: int,
-                    scales: list[float], fid: _FidScorer | None) -> list[dict]:
+def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarray, real_images: torch.Tensor,
+                    num_classes: int, scales: list[float], fid: _FidScorer | None) -> list[dict]:
     """One row of offline metrics (and FID when on) per guidance scale, on fresh samples.
+
+    Each row also has the samples' worst per-channel pixel mean/std gap to the real held-out images: guidance
+    widens the colour distribution (saturated colours), which this shows scale by scale.
 
     The plot file's columns keep plain names (dvc.yaml's plot names them) and its `samples` column gives the
     size of each compared set; eval.json, MLflow and `ddpm compare` carry the size in the name instead.
@@ -224,6 +227,8 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
         row = {"guidance_scale": w, "samples": m["num_compared"], "class_accuracy": m["class_accuracy"],
                "fd_classifier": m[f"fd_classifier_{tag}"], "precision": m[f"precision_{tag}"],
                "recall": m[f"recall_{tag}"]}
+        px = pixel_comparison(images, real_images)
+        row |= {k: px[k] for k in ("pixel_mean_rel_error", "pixel_std_rel_error")}
         if fid is not None:
             row["fid"] = fid(images)[f"fid_{count_tag(len(images))}"]
             row["fid_samples"] = len(images)
@@ -243,6 +248,9 @@ def sweep_metric_names(row: dict) -> dict[str, float]:
     out = {"class_accuracy": row["class_accuracy"]}
     for key in ("fd_classifier", "precision", "recall"):
         out[f"{key}_{tag}"] = row[key]
+    for key in ("pixel_mean_rel_error", "pixel_std_rel_error"):
+        if key in row:
+            out[key] = row[key]
     if "fid" in row:
         out[f"fid_{fid_tag}"] = row["fid"]
     return out
