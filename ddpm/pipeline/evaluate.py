@@ -193,6 +193,8 @@ def _evaluate(cfg: Config, paths: Layout, data, classifier, images, labels, meta
     if fid is not None:
         metrics.update(fid(images))
     metrics["sample_settings"] = meta
+    if "network_evaluations" in meta:  # sample files written before it was recorded lack it
+        metrics["sampling_nfe"] = meta["network_evaluations"]
     scales = cfg.evaluate.guidance_sweep if sweep is None else sweep
     if labels.min() < 0:
         metrics["guidance_sweep"] = UNCONDITIONAL

@@ -7,6 +7,7 @@ writes the class grid, the denoising-progression picture and the evaluation set.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +164,11 @@ def _sample(cfg: Config, paths: Layout, lm: LoadedModel, tracker: Tracker) -> di
     grid = class_grid(lm, settings, classes, sc.grid_per_class, cfg.seed, sc.batch_size, precision)
     denoise = denoise_picture(lm, settings, sc.denoise_frames, cfg.seed, precision)
     images, labels = evaluation_set(lm, settings, sc.num_samples, cfg.seed + 1, sc.batch_size, precision)
+    with warnings.catch_warnings():  # sampling itself already warned if log-SNR steps collapsed
+        warnings.simplefilter("ignore")
+        nfe = len(visited_timesteps(lm.diffusion, settings.sampler, settings.steps, settings.spacing))
     meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "spacing": settings.spacing,
+            "network_evaluations": nfe,  # per sample (guided: each one batched cond + uncond)
             "eta": settings.eta, "guidance_scale": settings.guidance_scale, "precision": precision,
             "class_names": lm.class_names}
     save_png(paths.grid, grid)
