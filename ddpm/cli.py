@@ -209,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     c.add_argument("runs", nargs="*", help="run ids (default: every run of the experiment)")
     c.add_argument("--markdown", action="store_true", help="a markdown table, one row per run (for the README)")
-    c.add_argument("--metrics", help="comma-separated metric names to show (default: every final metric)")
+    c.add_argument("--metrics", help="comma-separated metric names to show (default: every final metric); "
+                   "NAME@STEP is NAME's value at STEP, e.g. sweep/class_accuracy@200 (guidance 2)")
     c.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only runs whose param KEY equals VALUE (repeatable), e.g. sample.sampler=dpm_solver")
     c.add_argument("--sort", metavar="[-]METRIC", help="order runs by a final metric ('-' prefix: descending)")

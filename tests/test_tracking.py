@@ -504,3 +504,22 @@ def test_compare_selects_runs_by_params_and_sorts_by_metric(repo):
         compare_runs("sel", uri, where=["schedule=sigmoid"])
     with pytest.raises(UserError, match="no run logged this metric"):
         compare_runs("sel", uri, sort="fdi")
+
+
+def test_compare_reads_a_metric_at_a_step(repo):
+    """`NAME@STEP` picks one point of a metric's history (a guidance sweep logs one step per scale)."""
+    for name, accs in (("a", (0.2, 0.5, 0.9)), ("b", (0.3, 0.7, 0.8))):
+        cfg = _cfg(seed=len(name + str(accs)), tracking={"experiment": "at", "tensorboard": False,
+                                                          "system_metrics": False})
+        with Tracker.start(cfg, repo, name) as tracker:
+            for step, acc in zip((0, 100, 200), accs, strict=True):
+                tracker.log_metrics({"sweep/acc": acc}, step)
+            tracker.log_final({"fid": 1.0})
+    text = compare_runs("at", tracking_uri(repo), markdown=True, metrics=["sweep/acc@100"], sort="-sweep/acc@100")
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines()]
+    assert cells[0][-1] == "sweep/acc@100"
+    assert [(row[0], row[-1]) for row in cells[2:]] == [("b", "0.7"), ("a", "0.5")]  # not the latest (0.9/0.8)
+    with pytest.raises(UserError, match="no run logged metric"):
+        compare_runs("at", tracking_uri(repo), metrics=["sweep/acc@50"])
+    with pytest.raises(UserError, match="must be a step number"):
+        compare_runs("at", tracking_uri(repo), metrics=["sweep/acc@w2"])

@@ -51,9 +51,10 @@ def compare_runs(experiment_name: str, tracking_uri: str, run_ids: Sequence[str]
     if not runs:
         raise UserError(f"MLflow experiment {experiment_name!r} has no runs yet; run the pipeline first")
     runs = _select(runs, where)
+    values = _metric_values(client, runs, [*(metrics or []), *([sort.removeprefix("-")] if sort else [])])
     if sort:
-        runs = _sorted_by_metric(runs, sort)
-    rows = _comparison_rows(runs, metrics)
+        runs, values = _sorted_by_metric(runs, values, sort)
+    rows = _comparison_rows(runs, values, metrics)
     names = [r.info.run_name or r.info.run_id[:8] for r in runs]
     return _format_markdown(rows, names) if markdown else _format_table(rows, names)
 
@@ -73,14 +74,30 @@ def _select(runs: Sequence[Any], where: Sequence[str]) -> list[Any]:
     return list(runs)
 
 
-def _sorted_by_metric(runs: Sequence[Any], sort: str) -> list[Any]:
-    """Runs ordered by a metric (a leading '-' for descending); runs without it go last."""
+def _metric_values(client: MlflowClient, runs: Sequence[Any], specs: Sequence[str]) -> list[dict[str, float]]:
+    """Per run: its latest metric values, plus `NAME@STEP` for each such spec (the value NAME had at STEP,
+    e.g. `sweep/class_accuracy@200`: the guidance sweep logs one step per scale x 100)."""
+    values = [dict(r.data.metrics) for r in runs]
+    for spec in {s for s in specs if "@" in s}:
+        name, _, step = spec.rpartition("@")
+        if not step.lstrip("-").isdigit():
+            raise UserError(f"metric {spec!r}: the part after '@' must be a step number, e.g. {name}@200")
+        for run, vals in zip(runs, values, strict=True):
+            hits = [m.value for m in client.get_metric_history(run.info.run_id, name) if m.step == int(step)]
+            if hits:
+                vals[spec] = hits[-1]
+    return values
+
+
+def _sorted_by_metric(runs: Sequence[Any], values: Sequence[dict], sort: str) -> tuple[list[Any], list[dict]]:
+    """Runs (and their values) ordered by a metric (a leading '-' for descending); runs without it go last."""
     key, descending = sort.removeprefix("-"), sort.startswith("-")
-    if not any(key in r.data.metrics for r in runs):
+    pairs = list(zip(runs, values, strict=True))
+    if not any(key in v for v in values):
         raise UserError(f"--sort {key!r}: no run logged this metric; pick one of the table's metric rows")
-    present = sorted((r for r in runs if key in r.data.metrics), key=lambda r: r.data.metrics[key],
-                     reverse=descending)
-    return present + [r for r in runs if key not in r.data.metrics]
+    present = sorted((p for p in pairs if key in p[1]), key=lambda p: p[1][key], reverse=descending)
+    ordered = present + [p for p in pairs if key not in p[1]]
+    return [p[0] for p in ordered], [p[1] for p in ordered]
 
 
 def _get_run(client: MlflowClient, run_id: str) -> Any:
@@ -93,8 +110,10 @@ def _get_run(client: MlflowClient, run_id: str) -> Any:
         raise UserError(f"MLflow run {run_id} not found; list the runs with `python -m ddpm compare`") from None
 
 
-def _comparison_rows(runs: Sequence[Any], metrics: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(label, one cell per run) for the run id, status, differing params and final metrics (or `metrics`).
+def _comparison_rows(runs: Sequence[Any], values: Sequence[dict], metrics: Sequence[str] | None = None,
+                     ) -> list[tuple[str, list[str]]]:
+    """(label, one cell per run) for the run id, status, differing params and final metrics (or `metrics`,
+    looked up in `values`, one dict per run).
 
     Metric rows are sorted by name, so they come grouped by prefix (`eval/`, `train/final_`, ...).
     """
@@ -108,12 +127,12 @@ def _comparison_rows(runs: Sequence[Any], metrics: Sequence[str] | None = None) 
     if not final:  # runs that never reached log_final: show their latest non-system metrics
         final = sorted({k for r in runs for k in r.data.metrics if not k.startswith(("system/", "resources/"))})
     if metrics:
-        unknown = sorted(set(metrics) - {k for r in runs for k in r.data.metrics})
+        unknown = sorted(set(metrics) - {k for v in values for k in v})
         if unknown:
             raise UserError(f"no run logged metric(s) {', '.join(unknown)}; the runs have e.g. {', '.join(final[:8])}")
         final = list(metrics)
     for key in final:
-        rows.append((key, [_fmt(r.data.metrics.get(key)) for r in runs]))
+        rows.append((key, [_fmt(v.get(key)) for v in values]))
     return rows
 
 
