@@ -44,11 +44,13 @@ CIFAR_CPU_PARAMS := \
 	-S tracking.experiment=cifar-cpu -S tracking.log_every=50
 
 # Ablations through DVC's own queue (README *Results*): each grid point is a queued `dvc exp run` in a
-# temporary copy, one MLflow run each in the experiment named by tracking.experiment; `ablate-samplers`
-# re-samples one cached training (only the sample and evaluate stages run). `make ablate-... ` waits for the
-# queue; `python -m ddpm compare --experiment ablate-quickstart --markdown` prints the table.
+# temporary copy, one MLflow run each in the experiment named by tracking.experiment; `ablate-guidance` and
+# `ablate-samplers` re-sample the cached training of ABLATE_RECIPE (only the sample and evaluate stages run).
+# Each target waits for the queue; `python -m ddpm compare --experiment ablate-quickstart --markdown ...`
+# prints the tables (the README's *Results* gives the exact commands).
 ABLATE_STEPS  ?= 900
 ABLATE_RECIPE ?= -S schedule=cosine -S diffusion.prediction=v -S train.loss_weighting=min_snr
+ABLATE_GUIDANCE ?= 4.0
 ABLATE_JOBS   ?= 1
 ABLATE_WAIT   := while dvc queue status | grep -qE 'Queued|Running'; do sleep 20; done; dvc queue status
 
@@ -58,14 +60,20 @@ ablate-quickstart: venv
 	dvc queue start -j $(ABLATE_JOBS)
 	$(ABLATE_WAIT)
 
+ablate-guidance: venv
+	dvc exp run --queue $(QUICKSTART_PARAMS) -S train.steps=$(ABLATE_STEPS) -S tracking.experiment=ablate-quickstart \
+		$(ABLATE_RECIPE) -S 'evaluate.guidance_sweep=[]' -S 'sample.guidance_scale=1.0,1.5,2.0,3.0,4.0'
+	dvc queue start -j $(ABLATE_JOBS)
+	$(ABLATE_WAIT)
+
 ablate-samplers: venv
 	dvc exp run --queue $(QUICKSTART_PARAMS) -S train.steps=$(ABLATE_STEPS) -S tracking.experiment=ablate-quickstart \
-		$(ABLATE_RECIPE) -S 'evaluate.guidance_sweep=[]' \
+		$(ABLATE_RECIPE) -S 'evaluate.guidance_sweep=[]' -S sample.guidance_scale=$(ABLATE_GUIDANCE) \
 		-S 'sample.sampler=ddim,dpm_solver' -S 'sample.steps=10,25,50' -S 'sample.spacing=time,logsnr'
 	dvc queue start -j $(ABLATE_JOBS)
 	$(ABLATE_WAIT)
 
-.PHONY: venv quickstart cifar-cpu ablate-quickstart ablate-samplers docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
+.PHONY: venv quickstart cifar-cpu ablate-quickstart ablate-guidance ablate-samplers docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
 
 venv: $(VENV)/.installed
 
