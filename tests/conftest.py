@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ddpm.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "seed": 0,
@@ -54,3 +57,29 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+def make_words(variable: str, **make_vars: str) -> list[str]:
+    """A Makefile variable as make expands it, split like a shell: ['-S', 'key=value', ...]."""
+    import shlex
+
+    args = [f"{k}={v}" for k, v in make_vars.items()]
+    out = subprocess.run(["make", "-s", "-C", str(ROOT), "VENV=/nonexistent", *args, "--eval",
+                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True)
+    return shlex.split(out.stdout)
+
+
+def make_overrides(variable: str, **make_vars: str) -> dict:
+    """The -S overrides a Makefile variable expands to, applied to params.yaml (a dict)."""
+    words = make_words(variable, **make_vars)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for flag, assignment in zip(words[::2], words[1::2], strict=True):
+        assert flag == "-S"
+        key, value = assignment.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        assert leaf in node, f"{key} is not in params.yaml"
+        node[leaf] = yaml.safe_load(value)
+    return params

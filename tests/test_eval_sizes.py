@@ -3,13 +3,12 @@ evaluation sampling in `sample.precision` (not train.precision), and the FID-50k
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_params
+from conftest import make_overrides, tiny_params
 
 import ddpm.pipeline.sample as sample_mod
 from ddpm.config import Config, load_config
@@ -79,8 +78,7 @@ def test_fid_50k_default_in_config_and_params_and_the_quickstart_overrides_it():
     assert Config().sample.num_samples == 50_000 and Config().sample.precision == "fp32"
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.sample.num_samples == 50_000 and cfg.sample.precision == "fp32"
-    quickstart = (ROOT / "Makefile").read_text().split("QUICKSTART_PARAMS :=")[1].split("\n\n")[0]
-    assert re.search(r"-S sample\.num_samples=\d+", quickstart)
+    assert make_overrides("QUICKSTART_PARAMS")["sample"]["num_samples"] == 500
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in ("sample", "evaluate"):  # evaluation sampling reads sample.precision, not train.precision
         assert "sample" in dvc[stage]["params"] and "train.precision" not in dvc[stage]["params"]
