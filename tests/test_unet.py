@@ -206,3 +206,18 @@ def test_labels_outside_0_to_num_classes_are_a_value_error(bad: int):
     with pytest.raises(ValueError, match="labels must lie"):  # checked in training too on the CPU
         model(x, t, y)
     model(x, t, torch.tensor([0, 1, SMALL.num_classes]))  # in range: fine
+
+
+def test_attention_hands_back_channels_last_only_when_sampling_on_the_cpu():
+    """Sampling keeps the projection's channels_last layout (faster convolutions after it); training keeps x's
+    layout (its arithmetic unchanged); the values agree (sampling uses the fused attention kernel)."""
+    torch.manual_seed(0)
+    block = AttentionBlock(32, 2, 8)
+    torch.nn.init.normal_(block.proj.weight, std=0.1)  # zero-initialised, which would hide the projection
+    x = torch.randn(2, 32, 8, 8)  # (B, C, H, W), NCHW-contiguous
+    with torch.no_grad():
+        sampled = block(x)
+    trained = block(x.requires_grad_())
+    assert sampled.is_contiguous(memory_format=torch.channels_last) and not sampled.is_contiguous()
+    assert trained.is_contiguous()
+    torch.testing.assert_close(sampled, trained.detach(), rtol=1e-5, atol=1e-5)
