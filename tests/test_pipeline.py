@@ -50,11 +50,27 @@ def test_dvc_yaml_stages_are_thin_and_declare_what_they_read():
     sections = {k.split(".")[0] for k in known} | {".".join(k.split(".")[:2]) for k in known}
     for name, stage in stages.items():
         script = f"stages/{name}.py"
-        assert stage["cmd"] == f"python {script}"
+        assert stage["cmd"] == f"python -m stages.{name}"  # the copy's code: see the next test
         assert script in stage["deps"] and "ddpm" in stage["deps"], name
         for p in stage["params"]:
             assert p in known or p in sections, f"{name} reads unknown param {p}"
         assert "run_stage(" in (ROOT / script).read_text(), f"{script} should hand its work to ddpm.cli.run_stage"
+
+
+def test_stage_commands_run_the_code_of_their_own_working_copy(tmp_path):
+    """`dvc exp run --queue`/`--temp` run each experiment in a copy under .dvc/tmp/exps/. Its stages must
+    import that copy's `ddpm`, not the workspace's (where the editable install points): else code edited
+    while the queue runs would train, recorded under the queued code's hash. `python -m stages.NAME` puts
+    the stage's cwd (the copy) first on sys.path; `python stages/NAME.py` would put stages/ there."""
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    (tmp_path / "ddpm").mkdir()
+    (tmp_path / "ddpm" / "__init__.py").write_text("print('ddpm from', __file__)\nraise SystemExit(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for name, stage in _dvc_yaml()["stages"].items():
+        cmd = stage["cmd"].split()
+        assert cmd[0] == "python", name
+        out = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 3 and str(tmp_path / "ddpm") in out.stdout, (name, out.stdout, out.stderr[-300:])
 
 
 def test_layout_is_the_file_layout_dvc_yaml_declares():
