@@ -63,50 +63,47 @@ CIFAR_CPU_PARAMS := $(CIFAR_CPU_BASE) -S schedule=cosine -S train.steps=$(CIFAR_
 ABLATE_DDIM25   := -S sample.sampler=ddim -S sample.spacing=time -S sample.steps=25
 ABLATE_GUIDANCE ?= 1.0
 ABLATE_JOBS     ?= 1
-ABLATE_WAIT     := while dvc queue status | grep -qE 'Queued|Running'; do sleep 20; done; dvc queue status
+# start the queue's workers and wait for them
+ABLATE_RUN      := dvc queue start -j $(ABLATE_JOBS) && \
+	while dvc queue status | grep -qE 'Queued|Running'; do sleep 20; done; dvc queue status
 # (each target names every key once, so the command line shows exactly what each grid point runs)
 ABLATE_QS       := dvc exp run --queue $(QUICKSTART_BASE) -S tracking.experiment=ablate-quickstart
+ABLATE_CIFAR    := dvc exp run --queue $(CIFAR_CPU_BASE) -S tracking.experiment=ablate-cifar
 
 ablate-quickstart: venv
 	$(ABLATE_QS) $(ABLATE_DDIM25) -S sample.guidance_scale=4.0 \
 		-S 'schedule=linear,cosine' -S 'diffusion.prediction=eps,v' -S 'train.loss_weighting=uniform,min_snr'
-	dvc queue start -j $(ABLATE_JOBS)
-	$(ABLATE_WAIT)
+	$(ABLATE_RUN)
 
 ablate-guidance: venv
 	$(ABLATE_QS) $(QUICKSTART_RECIPE) $(ABLATE_DDIM25) -S 'evaluate.guidance_sweep=[]' \
 		-S 'sample.guidance_scale=1.0,1.5,2.0,3.0,4.0'
-	dvc queue start -j $(ABLATE_JOBS)
-	$(ABLATE_WAIT)
+	$(ABLATE_RUN)
 
 ablate-samplers: venv
 	$(ABLATE_QS) $(QUICKSTART_RECIPE) -S 'evaluate.guidance_sweep=[]' -S sample.guidance_scale=$(ABLATE_GUIDANCE) \
 		-S 'sample.sampler=ddim,dpm_solver' -S 'sample.steps=10,25,50' -S 'sample.spacing=time,logsnr'
-	dvc queue start -j $(ABLATE_JOBS)
-	$(ABLATE_WAIT)
+	$(ABLATE_RUN)
 
 # The quickstart grid's best two recipes on the CPU CIFAR-10 experiment (both v-prediction with min-SNR-5;
 # they differ in the schedule). Same CIFAR=... as cifar-cpu.
 ablate-cifar: venv
-	dvc exp run --queue $(CIFAR_CPU_BASE) $(CIFAR_SAMPLING) -S sample.guidance_scale=3.0 $(CIFAR_SWEEP) \
-		-S tracking.experiment=ablate-cifar -S train.steps=3000 -S 'schedule=cosine,linear'
-	dvc queue start -j $(ABLATE_JOBS)
-	$(ABLATE_WAIT)
+	$(ABLATE_CIFAR) $(CIFAR_SAMPLING) -S sample.guidance_scale=3.0 $(CIFAR_SWEEP) \
+		-S train.steps=3000 -S 'schedule=cosine,linear'
+	$(ABLATE_RUN)
 
 # The training budget: the winner at 3,000 and 4,500 steps (the 3,000-step point is ablate-cifar's cosine run).
 ablate-cifar-budget: venv
-	dvc exp run --queue $(CIFAR_CPU_BASE) $(CIFAR_SAMPLING) -S sample.guidance_scale=3.0 $(CIFAR_SWEEP) \
-		-S tracking.experiment=ablate-cifar -S schedule=cosine -S 'train.steps=3000,4500'
-	dvc queue start -j $(ABLATE_JOBS)
-	$(ABLATE_WAIT)
+	$(ABLATE_CIFAR) $(CIFAR_SAMPLING) -S sample.guidance_scale=3.0 $(CIFAR_SWEEP) \
+		-S schedule=cosine -S 'train.steps=3000,4500'
+	$(ABLATE_RUN)
 
 # Samplers x steps on the cached 3,000-step CIFAR-10 training of the cifar-cpu recipe, at CIFAR_GUIDANCE.
 ablate-cifar-samplers: venv
-	dvc exp run --queue $(CIFAR_CPU_BASE) -S schedule=cosine -S train.steps=3000 -S tracking.experiment=ablate-cifar \
+	$(ABLATE_CIFAR) -S schedule=cosine -S train.steps=3000 \
 		-S 'evaluate.guidance_sweep=[]' -S sample.guidance_scale=$(CIFAR_GUIDANCE) \
 		-S 'sample.sampler=ddim,dpm_solver' -S 'sample.steps=10,25,50' -S 'sample.spacing=time,logsnr'
-	dvc queue start -j $(ABLATE_JOBS)
-	$(ABLATE_WAIT)
+	$(ABLATE_RUN)
 
 .PHONY: venv quickstart cifar-cpu ablate-quickstart ablate-guidance ablate-samplers ablate-cifar ablate-cifar-budget ablate-cifar-samplers docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -61,8 +62,6 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
 
 def make_words(variable: str, **make_vars: str) -> list[str]:
     """A Makefile variable as make expands it, split like a shell: ['-S', 'key=value', ...]."""
-    import shlex
-
     args = [f"{k}={v}" for k, v in make_vars.items()]
     out = subprocess.run(["make", "-s", "-C", str(ROOT), "VENV=/nonexistent", *args, "--eval",
                           f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True)

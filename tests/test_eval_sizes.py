@@ -69,9 +69,11 @@ def test_offline_metrics_compare_equal_sizes_and_name_them():
 
 def test_sweep_rows_become_sized_mlflow_names():
     row = {"guidance_scale": 2.0, "samples": 2000, "class_accuracy": 0.9, "fd_classifier": 1.5,
-           "precision": 0.6, "recall": 0.5, "fid": 20.0, "fid_samples": 2000}
+           "precision": 0.6, "recall": 0.5, "pixel_mean_rel_error": 0.01, "pixel_std_rel_error": 0.07,
+           "fid": 20.0, "fid_samples": 2000}
     assert sweep_metric_names(row) == {"class_accuracy": 0.9, "fd_classifier_2k": 1.5,
-                                       "precision_2k": 0.6, "recall_2k": 0.5, "fid_2k": 20.0}
+                                       "precision_2k": 0.6, "recall_2k": 0.5, "pixel_mean_rel_error": 0.01,
+                                       "pixel_std_rel_error": 0.07, "fid_2k": 20.0}
 
 
 def test_fid_50k_default_in_config_and_params_and_the_quickstart_overrides_it():

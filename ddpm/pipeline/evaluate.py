@@ -247,12 +247,9 @@ def sweep_metric_names(row: dict) -> dict[str, float]:
     """A sweep row's metrics named by their sample counts: `fd_classifier_2k`, `fid_2k`, `class_accuracy`...
     (logged under `sweep/`)."""
     tag, fid_tag = count_tag(int(row["samples"])), count_tag(int(row.get("fid_samples", 0)))
-    out = {"class_accuracy": row["class_accuracy"]}
+    out = {key: row[key] for key in ("class_accuracy", "pixel_mean_rel_error", "pixel_std_rel_error")}
     for key in ("fd_classifier", "precision", "recall"):
         out[f"{key}_{tag}"] = row[key]
-    for key in ("pixel_mean_rel_error", "pixel_std_rel_error"):
-        if key in row:
-            out[key] = row[key]
     if "fid" in row:
         out[f"fid_{fid_tag}"] = row["fid"]
     return out
