@@ -60,6 +60,24 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
+def project_params_text() -> str:
+    """The project's params.yaml as git has it (the index, i.e. committed or staged), else the file.
+
+    The workspace copy is experiment state: `dvc exp run` (so `make quickstart`, the README's first command)
+    applies the experiment's params to it, so tests of the project's defaults must not read it.
+    """
+    out = subprocess.run(["git", "-C", str(ROOT), "show", ":params.yaml"], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else (ROOT / "params.yaml").read_text()
+
+
+@pytest.fixture
+def project_params(tmp_path: Path) -> Path:
+    """A file holding `project_params_text()`, for code that reads params from a path."""
+    path = tmp_path / "project_params.yaml"
+    path.write_text(project_params_text())
+    return path
+
+
 def make_words(variable: str, **make_vars: str) -> list[str]:
     """A Makefile variable as make expands it, split like a shell: ['-S', 'key=value', ...]."""
     args = [f"{k}={v}" for k, v in make_vars.items()]
@@ -71,7 +89,7 @@ def make_words(variable: str, **make_vars: str) -> list[str]:
 def make_overrides(variable: str, **make_vars: str) -> dict:
     """The -S overrides a Makefile variable expands to, applied to params.yaml (a dict)."""
     words = make_words(variable, **make_vars)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(project_params_text())
     for flag, assignment in zip(words[::2], words[1::2], strict=True):
         assert flag == "-S"
         key, value = assignment.split("=", 1)

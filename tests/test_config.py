@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import project_params_text
 
 from ddpm.config import TRAINING_SECTIONS, Config, ConfigError, TrainingConfig, flatten, load_config
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params_yaml() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load(project_params_text())
 
 
 def test_every_config_field_is_in_params_yaml_and_vice_versa():
@@ -22,11 +23,11 @@ def test_every_config_field_is_in_params_yaml_and_vice_versa():
     assert sorted(in_yaml - in_config) == [], "params.yaml keys that Config does not know"
 
 
-def test_params_yaml_values_are_the_config_defaults():
+def test_params_yaml_values_are_the_config_defaults(project_params):
     defaults = flatten(Config().to_dict())
     different = {k: (v, defaults[k]) for k, v in flatten(_params_yaml()).items() if v != defaults.get(k)}
     assert different == {}, "params.yaml value vs Config() default"
-    assert load_config(ROOT / "params.yaml") == Config()
+    assert load_config(project_params) == Config()
 
 
 def test_training_config_is_exactly_the_training_sections():

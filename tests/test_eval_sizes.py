@@ -76,9 +76,9 @@ def test_sweep_rows_become_sized_mlflow_names():
                                        "pixel_std_rel_error": 0.07, "fid_2k": 20.0}
 
 
-def test_fid_50k_default_in_config_and_params_and_the_quickstart_overrides_it():
+def test_fid_50k_default_in_config_and_params_and_the_quickstart_overrides_it(project_params):
     assert Config().sample.num_samples == 50_000 and Config().sample.precision == "fp32"
-    cfg = load_config(ROOT / "params.yaml")
+    cfg = load_config(project_params)
     assert cfg.sample.num_samples == 50_000 and cfg.sample.precision == "fp32"
     assert make_overrides("QUICKSTART_PARAMS")["sample"]["num_samples"] == 500
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

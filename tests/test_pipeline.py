@@ -37,8 +37,8 @@ def _declared(stage: dict) -> list[str]:
     return out
 
 
-def test_project_params_validate_and_keep_the_cifar10_default():
-    cfg = load_config(ROOT / "params.yaml")
+def test_project_params_validate_and_keep_the_cifar10_default(project_params):
+    cfg = load_config(project_params)
     assert cfg.data.dataset == "cifar10" and cfg.model == type(cfg.model)()  # the DDPM reference network
     assert cfg.schedule == "linear" and isinstance(cfg.seed, int)
 
