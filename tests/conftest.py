@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,76 @@ def make_overrides(variable: str, **make_vars: str) -> dict:
         assert leaf in node, f"{key} is not in params.yaml"
         node[leaf] = yaml.safe_load(value)
     return params
+
+
+# --------------------------------------------------------------------------------- subprocesses
+
+
+class Processes:
+    """Every subprocess a test starts, each leading its own process group (its `dvc`/`python -m stages.*`
+    children included), so teardown can end the whole group, whether the test passed or failed."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+
+    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+        """`subprocess.Popen` in a new session (process group), owned by this fixture."""
+        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, args: list[str], timeout: float, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        """Like `subprocess.run(args, capture_output=True, text=True, timeout=...)`, but a time-out ends the
+        whole process group (plain `subprocess.run` kills only the direct child) before raising."""
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        kwargs.setdefault("text", True)
+        proc = self.popen(args, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.end(proc)
+            raise
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check:
+            result.check_returncode()
+        return result
+
+    @staticmethod
+    def end(proc: subprocess.Popen, grace: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left of it after `grace` seconds."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break  # nothing of the group is left
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                proc.poll()  # reap the leader, so it does not count as alive
+                time.sleep(0.05)
+            if not _group_alive(proc.pid):
+                break
+        proc.poll()
+
+    def end_all(self) -> None:
+        for proc in self._procs:
+            self.end(proc)
+        self._procs.clear()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+@pytest.fixture
+def procs():
+    """Start subprocesses through this (`procs.popen`, `procs.run`): teardown ends their process groups."""
+    owned = Processes()
+    try:
+        yield owned
+    finally:
+        owned.end_all()
