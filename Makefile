@@ -158,8 +158,14 @@ bench-gpu: venv
 	$(BIN)/python -m ddpm bench --reference --device cuda --precision bf16 --batch-size 128,512 \
 		--compile on --compile-mode reduce-overhead --steps 10 --warmup 3
 
+# First the address of each experiment's runs table (MLflow 3 would open an experiment on its GenAI overview),
+# or only EXPERIMENT's: make mlflow-ui EXPERIMENT=quickstart
+MLFLOW_PORT ?= 5000
+EXPERIMENT  ?=
 mlflow-ui: venv
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@$(BIN)/python -m ddpm.tracking.ui --store $(CURDIR)/mlflow.db --base http://127.0.0.1:$(MLFLOW_PORT) \
+		$(if $(EXPERIMENT),--experiment '$(EXPERIMENT)')
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir logs/tensorboard --host 127.0.0.1 --port 6006
