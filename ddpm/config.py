@@ -35,7 +35,7 @@ DatasetName = Literal["cifar10", "folder", "shapes"]
 def _check_interval(interval: tuple[float, float]) -> tuple[float, float]:
     lo, hi = interval
     if not 0.0 <= lo <= hi:  # NaN fails too
-        raise ValueError(f"a guidance interval [lo, hi] needs 0 <= lo <= hi (EDM sigma), got {list(interval)}")
+        raise ValueError("a guidance interval [lo, hi] needs 0 <= lo <= hi (in EDM sigma)")
     return interval
 
 
