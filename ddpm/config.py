@@ -10,10 +10,10 @@ it as a `TrainingConfig`. The defaults here are params.yaml's values (a test kee
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddpm.errors import UserError
 
@@ -22,12 +22,25 @@ Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large"]
 SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
 Spacing = Literal["time", "logsnr"]
+# how DPM-Solver ends: "clean" on the model's x0 prediction (sigma = 0, diffusers' final_sigmas_type="zero"),
+# "noisy" at t = 0 with the residual noise sqrt(1 - alpha_bar_0) of x_0
+FinalStep = Literal["clean", "noisy"]
 LossWeighting = Literal["uniform", "min_snr"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 DatasetName = Literal["cifar10", "folder", "shapes"]
 
+
+def _check_interval(interval: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = interval
+    if not 0.0 <= lo <= hi:  # NaN fails too
+        raise ValueError("a guidance interval [lo, hi] needs 0 <= lo <= hi (in EDM sigma)")
+    return interval
+
+
+# (lo, hi] in EDM's noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (finite; null: every step)
+GuidanceInterval = Annotated[tuple[float, float], AfterValidator(_check_interval)]
 
 
 class Section(BaseModel):
@@ -148,6 +161,10 @@ class SampleConfig(Section):
     spacing: Spacing = "time"  # time-uniform or log-SNR-uniform sampling steps
     eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM: 0 deterministic, 1 DDPM-like noise; above 1 is undefined
     guidance_scale: float = Field(1.0, ge=0.0)  # w in eps = (1+w) eps(x,t,y) - w eps(x,t,null)
+    # guidance only where the EDM noise level sigma_t = sqrt((1 - ab_t) / ab_t) lies in (lo, hi]; elsewhere the
+    # conditional branch alone (half the cost). None: everywhere. Kynkaanniemi et al. 2024 use (0.28, 5.42]
+    guidance_interval: GuidanceInterval | None = None
+    final_step: FinalStep = "clean"  # DPM-Solver's last step: "clean" x0 prediction or "noisy" x_0 at t = 0
     num_samples: int = Field(50_000, ge=1)  # the evaluation set: 50k for FID-50k as in the papers
     precision: Precision = "fp32"  # autocast for evaluation sampling (not train.precision: metrics want fp32)
     batch_size: int = Field(1000, ge=1)  # bounds memory independently of num_samples
@@ -174,6 +191,8 @@ class EvaluateConfig(Section):
     inception_weights: str | None = None  # a local pt_inception-2015-12-05 file; else cache or download
     download_inception: bool = True  # fetch the weights into the torch hub cache when neither is there
     guidance_sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    # sweep every guidance scale on each of these intervals (null entry: everywhere); empty: sample.guidance_interval
+    guidance_interval_sweep: tuple[GuidanceInterval | None, ...] = ()
     sweep_samples: int = Field(2000, ge=10)  # samples per sweep point
     pr_k: int = Field(3, ge=1)  # k of the k-NN manifolds for precision/recall
 

@@ -100,7 +100,7 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
             assert (repo / path).exists(), f"stage {name} did not write {path}"
     # 20 samples against 30 held-out images: both sets are 20, and the names say so
     assert metrics["num_compared"] == 20
-    assert metrics["sampling_nfe"] == cfg.sample.steps == 4  # DDIM on time-uniform steps: one evaluation each
+    assert metrics["sampling_nfe"] == 2 * cfg.sample.steps == 8  # DDIM, 4 time-uniform steps, guided: 2 each
     for key in ("class_accuracy", "fd_classifier_20", "fd_classifier_floor_20", "precision_20", "recall_20"):
         assert isinstance(metrics[key], float)
     clf = json.loads((repo / "metrics/classifier.json").read_text())

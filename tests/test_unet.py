@@ -196,14 +196,12 @@ def test_compiles_without_graph_breaks():
 
 @pytest.mark.parametrize("bad", [-1, SMALL.num_classes + 1, 100])
 def test_labels_outside_0_to_num_classes_are_a_value_error(bad: int):
-    """Out-of-range labels would index past the class embedding (a device-side assert on CUDA)."""
-    model = UNet(SMALL, SIZE).eval()
+    """Out-of-range labels would index past the class embedding (a device-side assert on CUDA). The CPU
+    training step checks them; sampling checks once per generate() call (tests/test_generate.py)."""
+    model = UNet(SMALL, SIZE).train()
     x, t, y = inputs(batch=3)
     y = torch.tensor([0, SMALL.num_classes, bad])  # the null label (== num_classes) is allowed
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, {SMALL.num_classes}\].*{bad}"):
-        model(x, t, y)
-    model.train()
-    with pytest.raises(ValueError, match="labels must lie"):  # checked in training too on the CPU
         model(x, t, y)
     model(x, t, torch.tensor([0, 1, SMALL.num_classes]))  # in range: fine
 

@@ -1,10 +1,15 @@
-"""Samplers: DDPM ancestral sampling, DDIM, DPM-Solver++(2M), and classifier-free guidance.
+"""Samplers: DDPM ancestral sampling, DDIM, DPM-Solver++(2M), classifier-free guidance and its interval.
 
-Every sampler takes `model_fn(x_t, t, y) -> output` in the diffusion's prediction space (eps, x0 or v)
-and is called with ORIGINAL timestep indices t in [0, T), int64 (B,), even when sampling over a
-respaced subset of timesteps. Noise comes only from the passed `torch.Generator` (which must live on
-the diffusion's device), so a seed fixes the samples. The loops read no values back to the host;
-wrapping them in `torch.inference_mode()` is the caller's choice.
+The k-diffusion layout: every sampler has one signature,
+    sampler(diffusion, model_fn, x, timesteps, y, callback=None, generator=None, **its_own_options) -> x_0,
+with x = x_T drawn by the caller and `timesteps` (int64, decreasing, the ORIGINAL indices in [0, T)) computed
+outside by `evaluation_timesteps`: the model is evaluated exactly there, once each, so that list is also what
+a picture of the denoising may record and what the network evaluations count. `callback(t, x_t)` sees the
+state entering each step. `model_fn(x_t, t, y) -> output` is in the diffusion's prediction space (eps, x0 or
+v), with t an int64 (B,) tensor; a sequence of model functions, one per timestep, lets guidance apply on some
+steps only (`guidance_flags`). Noise comes only from the passed `torch.Generator` (on the diffusion's
+device), so a seed fixes the samples. The loops read no values back to the host; wrapping them in
+`torch.inference_mode()` is the caller's choice.
 
 Respacing (DDIM sec. 4.2, iDDPM sec. 4): for a kept increasing subset tau_0 < ... < tau_{S-1} of the T
 timesteps, the alpha_bar at the kept steps define a shorter process with betas
@@ -17,12 +22,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ddpm.config import SamplerName, Spacing
+from ddpm.config import FinalStep, SamplerName, Spacing
 from ddpm.core.diffusion import GaussianDiffusion, ModelFn, extract
+
+Callback = Callable[[int, torch.Tensor], None]  # (original timestep t, x_t entering the step at t)
+ModelFns = ModelFn | Sequence[ModelFn]  # one model function, or one per evaluated timestep
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
@@ -108,165 +116,190 @@ def guided(model: ModelFn, guidance_scale: float, null_label: int | None) -> Mod
     return model_fn
 
 
-def _check_generator(generator: torch.Generator, device: torch.device) -> None:
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     """The noise must be drawn on the diffusion's device from the caller's generator."""
+    if generator is None:
+        raise ValueError("this sampler draws noise: pass a torch.Generator (a seed fixes the samples)")
     if generator.device.type != device.type:
         raise ValueError(
             f"the generator is on {generator.device} but the diffusion is on {device}; "
             f"create it with torch.Generator(device={str(device)!r})"
         )
+    return generator
 
 
-def _process(
-    diffusion: GaussianDiffusion, steps: int, spacing: Spacing = "time"
-) -> tuple[GaussianDiffusion, list[int]]:
-    """The (possibly respaced) process to sample from and the original timestep of each of its indices."""
-    timesteps = sampling_timesteps(diffusion, steps, spacing)  # (S,)
-    every = timesteps.numel() == diffusion.num_timesteps
-    process = diffusion if every else diffusion.respaced(timesteps)
-    return process, timesteps.tolist()
+def evaluation_timesteps(
+    diffusion: GaussianDiffusion, sampler: SamplerName, steps: int, spacing: Spacing
+) -> torch.Tensor:
+    """The original timesteps at which `sampler` evaluates the model in `steps` steps, in the order it visits
+    them (decreasing, int64 (S,), CPU): the one place the samplers' noise levels are chosen.
+
+    DDPM and DDIM evaluate at every point of `sampling_timesteps(steps)` (which holds T-1 and 0) and end on
+    the clean x_0. DPM-Solver integrates over intervals: it takes `steps` + 1 points t_M > ... > t_0 = 0 and
+    evaluates at t_M ... t_1 only (at most T - 1 of them), as diffusers' DPMSolverMultistepScheduler does.
+    """
+    if sampler == "dpm_solver":
+        grid = sampling_timesteps(diffusion, min(steps + 1, diffusion.num_timesteps), spacing)  # (M+1,)
+        if grid.numel() < 2:
+            raise ValueError("dpm_solver needs a diffusion of at least 2 timesteps")
+        return grid[1:].flip(0)  # (M,) t_M > ... > t_1
+    if sampler in ("ddpm", "ddim"):
+        return sampling_timesteps(diffusion, steps, spacing).flip(0)  # (S,)
+    raise ValueError(f"unknown sampler {sampler!r}")  # unreachable from a validated config (a Literal)
 
 
-def _check_record(record: Collection[int], kept: list[int]) -> None:
-    """Recorded timesteps must be visited by the sampler, else the caller's picture would silently lack frames."""
-    missing = sorted(set(record) - set(kept))
-    if missing:
-        raise ValueError(f"cannot record timesteps {missing}: the sampler visits only {kept}")
+def edm_sigma(diffusion: GaussianDiffusion, timesteps: torch.Tensor) -> torch.Tensor:
+    """The noise level of each timestep in EDM's units, sigma_t = sqrt((1 - ab_t) / ab_t) (the noise-to-signal
+    ratio of x_t / sqrt(ab_t); Karras et al. 2022), float64, same shape."""
+    ab = torch.cumprod(1.0 - diffusion.betas64.cpu(), 0)[timesteps.cpu()]
+    return ((1.0 - ab) / ab).sqrt()
+
+
+def guidance_flags(
+    diffusion: GaussianDiffusion, timesteps: torch.Tensor, interval: tuple[float, float] | None
+) -> list[bool]:
+    """For each timestep, whether guidance applies there: everywhere without an interval, else where the EDM
+    noise level lies in (lo, hi] (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval": guidance
+    harms at high noise and is unnecessary at low noise; their ImageNet-512 interval is (0.28, 5.42])."""
+    if interval is None:
+        return [True] * timesteps.numel()
+    lo, hi = interval
+    return [lo < s <= hi for s in edm_sigma(diffusion, timesteps).tolist()]
+
+
+def _model_at(model_fn: ModelFns, i: int) -> ModelFn:
+    """The model function of the sampler's i-th evaluation."""
+    return model_fn if callable(model_fn) else model_fn[i]
+
+
+def _t(value: int, like: torch.Tensor) -> torch.Tensor:
+    """The original timestep as the network's int64 (B,) input, on x's device."""
+    return torch.full((like.shape[0],), value, dtype=torch.int64, device=like.device)  # (B,)
 
 
 def ddpm_sample(
     diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    shape: tuple[int, ...],
+    model_fn: ModelFns,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
     y: torch.Tensor | None,
-    generator: torch.Generator,
-    record: Collection[int] = (),
-    steps: int | None = None,
-    spacing: Spacing = "time",
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Ancestral sampling (DDPM Alg. 2) over all T steps, or over `steps` respaced steps as in iDDPM.
-
-    Returns (x0, {t: x_t}) where the dict holds the sampler state x_t entering step t, for t in `record`.
-    """
-    process, kept = _process(diffusion, diffusion.num_timesteps if steps is None else steps, spacing)
-    _check_record(record, kept)
-    device = diffusion.betas.device
-    _check_generator(generator, device)
-    x = torch.randn(shape, generator=generator, device=device)  # (B, ...) x_T ~ N(0, I), Alg. 2 line 1
-    frames: dict[int, torch.Tensor] = {}
-    for i in reversed(range(len(kept))):
-        if kept[i] in record:
-            frames[kept[i]] = x
-        t = torch.full((shape[0],), kept[i], dtype=torch.int64, device=device)  # (B,) original timestep
-        idx = torch.full((shape[0],), i, dtype=torch.int64, device=device)  # (B,) index in the process
-        p = process.p_mean_variance(model_fn(x, t, y), x, idx)  # mean: DDPM eq. 11 (via x0, eq. 7)
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling (DDPM Alg. 2) on the process respaced to `timesteps` (all T of them: DDPM itself;
+    fewer: iDDPM sec. 4). Returns x_0, the mean of the last step."""
+    generator = _check_generator(generator, x.device)
+    kept = timesteps.flip(0)  # (S,) increasing, index i of the respaced process
+    process = diffusion if kept.numel() == diffusion.num_timesteps else diffusion.respaced(kept)
+    for n, t in enumerate(timesteps.tolist()):
+        i = len(timesteps) - 1 - n  # index in the respaced process
+        if callback is not None:
+            callback(t, x)
+        idx = _t(i, x)  # (B,)
+        # DDPM eq. 11 via the predicted x0 (eq. 7): the mean of p(x_{t-1} | x_t)
+        p = process.p_mean_variance(_model_at(model_fn, n)(x, _t(t, x), y), x, idx)
         if i > 0:  # Alg. 2 line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I)
-            z = torch.randn(shape, generator=generator, device=device)  # (B, ...)
+            z = torch.randn(x.shape, generator=generator, device=x.device)  # (B, ...)
             x = p.mean + (0.5 * p.log_variance).exp() * z  # (B, ...)
-        else:  # z = 0 at the last step: return the mean
+        else:  # Alg. 2: z = 0 at the last step, return the mean
             x = p.mean
-    return x, frames
+    return x
 
 
 def ddim_sample(
     diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    shape: tuple[int, ...],
+    model_fn: ModelFns,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
     y: torch.Tensor | None,
-    steps: int,
-    eta: float,
-    generator: torch.Generator,
-    record: Collection[int] = (),
-    spacing: Spacing = "time",
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """DDIM (Song et al. 2021, eq. 12) on `steps` respaced timesteps; eta = 0 deterministic, eta = 1 ~ DDPM.
-
-    Returns (x0, {t: x_t}) like `ddpm_sample`.
-    """
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on `timesteps`; eta = 0 deterministic (no generator needed), eta = 1
+    the DDPM posterior variance. Returns x_0, the last step's prediction of x0."""
     if not 0 <= eta <= 1:  # above 1, 1 - ab_prev - sigma^2 (the squared weight of eps below) can go negative
         raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
-    process, kept = _process(diffusion, steps, spacing)
-    _check_record(record, kept)
-    device = diffusion.betas.device
-    _check_generator(generator, device)
+    if eta > 0:
+        generator = _check_generator(generator, x.device)
+    kept = timesteps.flip(0)  # (S,) increasing
+    process = diffusion if kept.numel() == diffusion.num_timesteps else diffusion.respaced(kept)
     # per-step coefficients in float64 from the respaced process, stored float32 on the device
     ac = torch.cumprod(1.0 - process.betas64, 0)  # (S,) alpha_bar of the kept steps
     ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])  # (S,) alpha_bar_prev, 1 before the first kept step
     # eq. 16: sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev)
     sigma64 = eta * ((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev)).sqrt()  # (S,)
-    c_x0 = ac_prev.sqrt().to(device, torch.float32)  # (S,)
-    c_eps = (1.0 - ac_prev - sigma64**2).clamp(min=0.0).sqrt().to(device, torch.float32)  # (S,)
-    sigma = sigma64.to(device, torch.float32)  # (S,)
-
-    x = torch.randn(shape, generator=generator, device=device)  # (B, ...) x_T ~ N(0, I)
-    frames: dict[int, torch.Tensor] = {}
-    for i in reversed(range(len(kept))):
-        if kept[i] in record:
-            frames[kept[i]] = x
-        t = torch.full((shape[0],), kept[i], dtype=torch.int64, device=device)  # (B,) original timestep
-        idx = torch.full((shape[0],), i, dtype=torch.int64, device=device)  # (B,) index in the process
-        # eq. 12 "predicted x0" (eq. 9), clipped if configured, and the eps consistent with it
-        x0, eps = process.pred_x0_eps(model_fn(x, t, y), x, idx)  # (B, ...) each
+    c_x0 = ac_prev.sqrt().to(x.device, torch.float32)  # (S,)
+    c_eps = (1.0 - ac_prev - sigma64**2).clamp(min=0.0).sqrt().to(x.device, torch.float32)  # (S,)
+    sigma = sigma64.to(x.device, torch.float32)  # (S,)
+    shape = x.shape
+    for n, t in enumerate(timesteps.tolist()):
+        i = len(timesteps) - 1 - n  # index in the respaced process
+        if callback is not None:
+            callback(t, x)
+        idx = _t(i, x)  # (B,)
+        # eq. 12's "predicted x0" (eq. 9), clipped if configured, and the eps consistent with it
+        x0, eps = process.pred_x0_eps(_model_at(model_fn, n)(x, _t(t, x), y), x, idx)  # (B, ...) each
         # eq. 12: sqrt(ab_prev) x0 + "direction pointing to x_t" sqrt(1 - ab_prev - sigma^2) eps + sigma z
         x = extract(c_x0, idx, shape) * x0 + extract(c_eps, idx, shape) * eps  # (B, ...)
         if i > 0 and eta > 0:  # sigma = 0 at the last step (ab_prev = 1)
-            z = torch.randn(shape, generator=generator, device=device)  # (B, ...)
+            z = torch.randn(shape, generator=generator, device=x.device)  # (B, ...)
             x = x + extract(sigma, idx, shape) * z  # (B, ...)
-    return x, frames
+    return x
 
 
 def dpm_solver_sample(
     diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    shape: tuple[int, ...],
+    model_fn: ModelFns,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
     y: torch.Tensor | None,
-    steps: int,
-    generator: torch.Generator,
-    record: Collection[int] = (),
-    spacing: Spacing = "logsnr",
-    lower_order_final: bool | None = None,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    final_step: FinalStep = "clean",
+    lower_order_final: bool = True,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, second order, data prediction.
+    Deterministic: `generator` is unused.
 
-    `steps` model evaluations on the `steps` + 1 timesteps t_M > ... > t_0 = 0 of `sampling_timesteps`
-    (the solver integrates over intervals, so it needs one point more than it evaluates); it returns x at
-    t_0 = 0 (alpha_bar_0 = 1 - beta_1: a residual noise of sigma_0 ~ 0.01, as DDIM's last state).
     With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t), the step from s to
     t (h = lambda_t - lambda_s) is the exponential-integrator update (DPM-Solver++ eq. 9 / Alg. 2)
         x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D,
     with D = x0_s on the first step (DPM-Solver++(1), which is DDIM) and afterwards
     D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev, r = h_prev / h (Alg. 2's multistep correction).
-
-    `lower_order_final` (default: on for time spacing only) makes the last step first order, as diffusers'
-    lower_order_final. On time-uniform steps the last interval spans a large log-SNR range after a small one
-    (r << 1), and the second-order extrapolation overshoots (+26 % std at 25 steps, linear schedule, Gaussian
-    test data); on log-SNR spacing r = 1 and the second-order last step is the more accurate one.
-    x0 is clipped when the diffusion clips (data prediction makes that sound, DPM-Solver++ sec. 4); guidance is
-    the caller's `model_fn` (see `guided`). Returns (x_0, {t: x_t}) for t in `record`.
+    The model is evaluated at `timesteps` t_M > ... > t_1 (see `evaluation_timesteps`); the last step ends
+    - `final_step="clean"`: at sigma = 0 (lambda = inf), where the update is x = D; first order there, so the
+      result is the model's clean prediction x0(t_1) (diffusers' final_sigmas_type="zero", its default);
+    - `final_step="noisy"`: at t_0 = 0, returning x_0 with its residual noise of std sqrt(1 - ab_0) (0.010 on
+      the linear schedule, 0.0064 on cosine), as DDPM's x_0 is defined.
+    `lower_order_final` makes a noisy last step first order, as diffusers' lower_order_final: on time-uniform
+    steps the last interval spans a large log-SNR range after a small one (r << 1) and the second-order
+    extrapolation overshoots (+26 % std at 25 steps, linear schedule, Gaussian test data); on log-SNR spacing
+    r = 1 and the second-order last step is the more accurate one. x0 is clipped when the diffusion clips
+    (data prediction makes that sound, DPM-Solver++ sec. 4).
     """
-    timesteps = sampling_timesteps(diffusion, min(steps + 1, diffusion.num_timesteps), spacing)  # (M+1,)
-    if timesteps.numel() < 2:
-        raise ValueError("dpm_solver needs a diffusion of at least 2 timesteps")
-    kept = timesteps.tolist()
-    _check_record(record, kept[1:])
-    if lower_order_final is None:
-        lower_order_final = spacing == "time"
-    device = diffusion.betas.device
-    _check_generator(generator, device)
-    ab = torch.cumprod(1.0 - diffusion.betas64, 0)[timesteps]  # (M+1,) float64 alpha_bar at the kept steps
+    if final_step not in ("clean", "noisy"):
+        raise ValueError(f"final_step must be 'clean' or 'noisy', got {final_step!r}")
+    evaluated = timesteps.tolist()
+    if final_step == "noisy" and evaluated[-1] == 0:
+        raise ValueError("a noisy DPM-Solver last step integrates to t = 0, so it cannot evaluate at t = 0")
+    # the points t_M > ... > t_1 > t_0 = 0 (a clean last step goes past t_0 to sigma = 0)
+    ab = torch.cumprod(1.0 - diffusion.betas64, 0)[torch.tensor([*evaluated, 0])]  # (M+1,) float64
     alpha, sigma, lam = ab.sqrt().tolist(), (1.0 - ab).sqrt().tolist(), half_log_snr(ab).tolist()
-
-    x = torch.randn(shape, generator=generator, device=device)  # (B, ...) x_T ~ N(0, I)
-    frames: dict[int, torch.Tensor] = {}
     prev_x0, h_prev = None, 0.0
-    for s in reversed(range(1, len(kept))):
-        n = s - 1  # step from kept[s] down to kept[n]
-        if kept[s] in record:
-            frames[kept[s]] = x
-        t = torch.full((shape[0],), kept[s], dtype=torch.int64, device=device)  # (B,) original timestep
-        x0, _ = diffusion.pred_x0_eps(model_fn(x, t, y), x, t)  # (B, ...) the data prediction x_theta(x_s, s)
+    for s, t in enumerate(evaluated):
+        n = s + 1  # the step goes from evaluated[s] to the next point: index n of the lists above
+        if callback is not None:
+            callback(t, x)
+        # the data prediction x_theta(x_s, s)
+        x0, _ = diffusion.pred_x0_eps(_model_at(model_fn, s)(x, _t(t, x), y), x, _t(t, x))  # (B, ...)
+        last = n == len(evaluated)
+        if last and final_step == "clean":
+            # eq. 9 with sigma_t = 0, alpha_t = 1, e^{-h} = 0: x = D, with D = x0_s (r = h_prev / inf = 0
+            # leaves no second-order term), the clean prediction
+            return x0
         h = lam[n] - lam[s]  # > 0: log-SNR grows towards the data
-        if prev_x0 is None or (lower_order_final and n == 0):
+        if prev_x0 is None or (lower_order_final and last):
             d = x0  # first order: DPM-Solver++(1), eq. 9 with D = x0_s
         else:
             r = h_prev / h  # Alg. 2: r_i = h_{i-1} / h_i
@@ -274,38 +307,31 @@ def dpm_solver_sample(
         # Alg. 2: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
         x = (sigma[n] / sigma[s]) * x - (alpha[n] * math.expm1(-h)) * d  # (B, ...)
         prev_x0, h_prev = x0, h
-    return x, frames
+    return x
 
 
-def visited_timesteps(diffusion: GaussianDiffusion, sampler: SamplerName, steps: int, spacing: Spacing) -> list[int]:
-    """The timesteps (increasing) at which `sample` evaluates the model: the ones `record` may name."""
-    if sampler == "dpm_solver":
-        return sampling_timesteps(diffusion, min(steps + 1, diffusion.num_timesteps), spacing).tolist()[1:]
-    return sampling_timesteps(diffusion, steps, spacing).tolist()
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": ddpm_sample, "ddim": ddim_sample, "dpm_solver": dpm_solver_sample,
+}
 
 
 def sample(
     diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
+    model_fn: ModelFns,
     shape: tuple[int, ...],
     y: torch.Tensor | None,
     sampler: SamplerName,
-    steps: int,
-    eta: float,
+    timesteps: torch.Tensor,
     generator: torch.Generator,
-    record: Collection[int] = (),
-    spacing: Spacing = "time",
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run the named sampler: "ddpm" (ancestral; over `steps` respaced steps when steps < T, eta unused),
-    "ddim" (eq. 12 with `eta`) or "dpm_solver" (DPM-Solver++(2M), eta unused), on `steps` timesteps spaced
-    by `spacing`. The sampler is always named, never inferred from steps or eta.
-
-    `record` must be a subset of `visited_timesteps(diffusion, sampler, steps, spacing)`.
-    """
-    if sampler == "ddpm":
-        return ddpm_sample(diffusion, model_fn, shape, y, generator, record=record, steps=steps, spacing=spacing)
-    if sampler == "ddim":
-        return ddim_sample(diffusion, model_fn, shape, y, steps, eta, generator, record=record, spacing=spacing)
-    if sampler == "dpm_solver":
-        return dpm_solver_sample(diffusion, model_fn, shape, y, steps, generator, record=record, spacing=spacing)
-    raise ValueError(f"unknown sampler {sampler!r}")  # unreachable from a validated config (a Literal)
+    callback: Callback | None = None,
+    **options,
+) -> torch.Tensor:
+    """Draw x_T ~ N(0, I) from `generator` and run the named sampler from it over `timesteps` (from
+    `evaluation_timesteps`), with that sampler's own `options` only (ddim: eta; dpm_solver: final_step,
+    lower_order_final). The sampler is always named, never inferred from steps or eta."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}")  # unreachable from a validated config (a Literal)
+    device = diffusion.betas.device
+    generator = _check_generator(generator, device)
+    x = torch.randn(shape, generator=generator, device=device)  # (B, ...) x_T ~ N(0, I), DDPM Alg. 2 line 1
+    return SAMPLERS[sampler](diffusion, model_fn, x, timesteps, y, callback, generator, **options)

@@ -47,8 +47,10 @@ from ddpm.tracking.files import write_metrics, write_tsv
 from ddpm.tracking.names import EVAL, SWEEP, grouped
 from ddpm.tracking.tracker import Tracker
 
-SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall",
-                 "pixel_mean_rel_error", "pixel_std_rel_error", "fid", "fid_samples"]
+SWEEP_COLUMNS = ["guidance_scale", "guidance_interval_lo", "guidance_interval_hi", "samples", "class_accuracy",
+                 "fd_classifier", "precision", "recall", "pixel_mean_rel_error", "pixel_std_rel_error", "fid",
+                 "fid_samples"]
+EMPTY_SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall"]
 
 
 def classifier_stage(cfg: Config, paths: Layout) -> dict:
@@ -220,8 +222,10 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
     configure_cpu_allocator(lm.device)
     check_steps(lm, cfg.sample.steps, "sample.steps")
     rows = []
-    for w in scales:
-        settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w)
+    # evaluate.guidance_interval_sweep: every scale on every interval, the rows naming it (None: everywhere)
+    intervals = cfg.evaluate.guidance_interval_sweep or (...,)  # ...: the sample section's own interval
+    for w, interval in ((w, i) for w in scales for i in intervals):
+        settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w, guidance_interval=interval)
         images, labels = evaluation_set(lm, settings, cfg.evaluate.sweep_samples, cfg.seed + 2,
                                         cfg.sample.batch_size, cfg.sample.precision)
         m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k, cfg.seed)
@@ -229,6 +233,9 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
         row = {"guidance_scale": w, "samples": m["num_compared"], "class_accuracy": m["class_accuracy"],
                "fd_classifier": m[f"fd_classifier_{tag}"], "precision": m[f"precision_{tag}"],
                "recall": m[f"recall_{tag}"]}
+        if interval is not ...:
+            lo, hi = settings.guidance_interval or (None, None)
+            row |= {"guidance_interval_lo": lo, "guidance_interval_hi": hi}
         px = pixel_comparison(images, real_images)
         row |= {k: px[k] for k in ("pixel_mean_rel_error", "pixel_std_rel_error")}
         if fid is not None:
@@ -239,7 +246,7 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
 
 
 def _write_sweep(path: Path, rows: list[dict]) -> None:
-    columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)] or SWEEP_COLUMNS[:6]
+    columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)] or EMPTY_SWEEP_COLUMNS
     write_tsv(path, columns, rows)
 
 
@@ -259,6 +266,11 @@ def _log(tracker: Tracker, paths: Layout, metrics: dict, rows: list[dict]) -> No
     """Final metrics (and the sweep, stepped by guidance scale x 100) into the pipeline's MLflow run."""
     tracker.log_final(grouped(EVAL, {k: v for k, v in metrics.items() if isinstance(v, int | float)}))
     for r in rows:
-        tracker.log_metrics(grouped(SWEEP, sweep_metric_names(r)), step=int(round(r["guidance_scale"] * 100)))
+        names = grouped(SWEEP, sweep_metric_names(r))
+        if "guidance_interval_lo" in r:  # one series per interval (sweep/interval_0.28-5.42/...), stepped by scale
+            lo, hi = r["guidance_interval_lo"], r["guidance_interval_hi"]
+            where = "everywhere" if lo is None else f"{lo:g}-{hi:g}"
+            names = {f"{SWEEP}/interval_{where}/{k.split('/', 1)[1]}": v for k, v in names.items()}
+        tracker.log_metrics(names, step=int(round(r["guidance_scale"] * 100)))
     tracker.log_artifact(paths.eval_metrics)
     tracker.log_artifact(paths.sweep)

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from ddpm.config import Config, SampleConfig, TrainingConfig
 from ddpm.core.atomic import atomic_path
 from ddpm.core.checkpoint import load_checkpoint, load_ema_model
-from ddpm.core.generate import SamplerSettings, balanced_labels, generate
+from ddpm.core.generate import SamplerSettings, balanced_labels, generate, network_evaluations
 from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import configure_backends, configure_cpu_allocator
-from ddpm.core.samplers import respaced_timesteps, visited_timesteps
+from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
@@ -93,7 +93,7 @@ def class_grid(lm: LoadedModel, settings: SamplerSettings, classes: list[int], p
 
 def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, seed: int, precision: str) -> np.ndarray:
     """The same seeds seen at `frames` timesteps from pure noise to the final image: one row per class."""
-    kept = visited_timesteps(lm.diffusion, settings.sampler, settings.steps, settings.spacing)
+    kept = settings.timesteps(lm.diffusion).flip(0).tolist()  # increasing
     idx = np.linspace(len(kept) - 1, 0, frames - 1).round().astype(int)  # from noise towards the data
     record = sorted({kept[i] for i in idx}, reverse=True)
     k = max(lm.config.model.num_classes, 1)
@@ -166,10 +166,11 @@ def _sample(cfg: Config, paths: Layout, lm: LoadedModel, tracker: Tracker) -> di
     images, labels = evaluation_set(lm, settings, sc.num_samples, cfg.seed + 1, sc.batch_size, precision)
     with warnings.catch_warnings():  # sampling itself already warned if log-SNR steps collapsed
         warnings.simplefilter("ignore")
-        nfe = len(visited_timesteps(lm.diffusion, settings.sampler, settings.steps, settings.spacing))
+        nfe = network_evaluations(lm.diffusion, settings, conditional=bool(lm.config.model.num_classes))
     meta = {"seed": cfg.seed, "sampler": settings.sampler, "steps": settings.steps, "spacing": settings.spacing,
-            "network_evaluations": nfe,  # per sample (guided: each one batched cond + uncond)
-            "eta": settings.eta, "guidance_scale": settings.guidance_scale, "precision": precision,
+            "network_evaluations": nfe,  # per sample: a guided step counts 2 (conditional + unconditional)
+            "eta": settings.eta, "guidance_scale": settings.guidance_scale,
+            "guidance_interval": settings.guidance_interval, "final_step": settings.final_step, "precision": precision,
             "class_names": lm.class_names}
     save_png(paths.grid, grid)
     save_png(paths.denoise, denoise)
