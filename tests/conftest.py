@@ -7,11 +7,12 @@ import os
 import shlex
 import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from processes import Processes, describe, end_processes, stray_processes
 
 from ddpm.config import Config
 
@@ -58,8 +59,6 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
     """A temporary repository root holding the tiny params.yaml; the cwd for the test."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
 
 
@@ -105,74 +104,105 @@ def make_overrides(variable: str, **make_vars: str) -> dict:
     return params
 
 
+# --------------------------------------------------------------------------------- the environment
+
+# what the code reads (ddpm/tracking: store, lineage, tracker) and what `dvc exp run` / `mlflow run` set; with a
+# user's `export MLFLOW_TRACKING_URI=...` the tests would log to their server, with DVC_ROOT into their repository
+_CLEARED = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "DVC_ROOT",
+            "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+
+
+def _clean_environment(mp: pytest.MonkeyPatch) -> None:
+    for name in {*_CLEARED, *(k for k in os.environ if k.startswith(("MLFLOW_", "DVC_")))}:
+        mp.delenv(name, raising=False)
+    mp.setenv("DVC_NO_ANALYTICS", "1")  # no network, and no detached `dvc daemon analytics` process
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_environment():
+    """No tracking/DVC variable of the user's shell reaches the session-scoped fixtures (or their processes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _clean_environment(mp)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_environment(monkeypatch):
+    """...nor a test, even if an earlier test (or code it ran in-process) exported one."""
+    _clean_environment(monkeypatch)
+
+
 # --------------------------------------------------------------------------------- subprocesses
 
-
-class Processes:
-    """Every subprocess a test starts, each leading its own process group (its `dvc`/`python -m stages.*`
-    children included), so teardown can end the whole group, whether the test passed or failed."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen] = []
-
-    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
-        """`subprocess.Popen` in a new session (process group), owned by this fixture."""
-        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    def run(self, args: list[str], timeout: float, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-        """Like `subprocess.run(args, capture_output=True, text=True, timeout=...)`, but a time-out ends the
-        whole process group (plain `subprocess.run` kills only the direct child) before raising."""
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        kwargs.setdefault("text", True)
-        proc = self.popen(args, **kwargs)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.end(proc)
-            raise
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        if check:
-            result.check_returncode()
-        return result
-
-    @staticmethod
-    def end(proc: subprocess.Popen, grace: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left of it after `grace` seconds."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break  # nothing of the group is left
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(proc.pid):
-                proc.poll()  # reap the leader, so it does not count as alive
-                time.sleep(0.05)
-            if not _group_alive(proc.pid):
-                break
-        proc.poll()
-
-    def end_all(self) -> None:
-        for proc in self._procs:
-            self.end(proc)
-        self._procs.clear()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+_BASETEMP = pytest.StashKey[Path]()
+_PREVIOUS_SIGTERM = pytest.StashKey[object]()
 
 
 @pytest.fixture
-def procs():
-    """Start subprocesses through this (`procs.popen`, `procs.run`): teardown ends their process groups."""
-    owned = Processes()
+def procs(tmp_path: Path):
+    """Start subprocesses through this (`procs.popen`, `procs.run`): teardown ends their process groups, and
+    any `dvc`/`mlflow`/`python -m ddpm|stages.*` process left working in the test's tmp_path."""
+    owned = Processes(workdir=tmp_path)
     try:
         yield owned
     finally:
         owned.end_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _basetemp(request, tmp_path_factory):
+    """Where every test's files are: the session's leak check also looks for processes working there."""
+    request.config.stash[_BASETEMP] = tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left(request):
+    """A test whose tool subprocess outlives it fails (after `procs`' teardown, which is set up later and so
+    ends first); the process is ended."""
+    yield
+    left = stray_processes(None)
+    if left:
+        lines = describe(left)
+        end_processes(left)
+        pytest.fail("the test left processes running (now ended):\n" + "\n".join(lines), pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish, which tears the fixtures down
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a tool process it started is still alive: a descendant of pytest, or (detached daemons
+    such as DVC queue workers are re-parented to init) one working under the session's basetemp. End them."""
+    left = stray_processes(session.config.stash.get(_BASETEMP, None))
+    if not left:
+        return
+    lines = describe(left)
+    end_processes(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "processes of the test run were still alive at its end (now ended):\n" + "\n".join(lines)
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("!", "processes left behind", red=True)
+        reporter.write_line(message)
+    else:
+        sys.stderr.write(message + "\n")
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --------------------------------------------------------------------------------- stopping the test run
+
+
+def _stop_on_sigterm(signum, frame):
+    """SIGTERM (a CI time-out, `kill`) stops the run like Ctrl-C: KeyboardInterrupt, so pytest still runs the
+    teardowns that end the tests' process groups. Later SIGTERMs are ignored until those are done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    config.stash[_PREVIOUS_SIGTERM] = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+def pytest_unconfigure(config):
+    previous = config.stash.get(_PREVIOUS_SIGTERM, None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
