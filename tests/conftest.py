@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from processes import Processes, describe, end_processes, stray_processes
 
-from ddpm.config import Config
+from ddpm.config import Config, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,8 @@ def project_params_text() -> str:
     The workspace copy is experiment state: `dvc exp run` (so `make quickstart`, the README's first command)
     applies the experiment's params to it, so tests of the project's defaults must not read it.
     """
-    out = subprocess.run(["git", "-C", str(ROOT), "show", ":params.yaml"], capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", str(ROOT), "show", ":params.yaml"], capture_output=True, text=True,
+                         timeout=120)
     return out.stdout if out.returncode == 0 else (ROOT / "params.yaml").read_text()
 
 
@@ -84,7 +86,8 @@ def make_words(variable: str, **make_vars: str) -> list[str]:
     """A Makefile variable as make expands it, split like a shell: ['-S', 'key=value', ...]."""
     args = [f"{k}={v}" for k, v in make_vars.items()]
     out = subprocess.run(["make", "-s", "-C", str(ROOT), "VENV=/nonexistent", *args, "--eval",
-                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True)
+                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True,
+                         timeout=120)
     return shlex.split(out.stdout)
 
 
@@ -206,3 +209,63 @@ def pytest_unconfigure(config):
     previous = config.stash.get(_PREVIOUS_SIGTERM, None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
+
+
+# --------------------------------------------------------------------------------- shared expensive setup
+
+
+@pytest.fixture(scope="session")
+def dvc_data_repo(tmp_path_factory) -> Path:
+    """One pipeline repo per session (see `dvc_repos`) where `dvc repro` ran the data stages (prepare,
+    classifier, fid_stats): the real DVC run of those stages, shared by the tests that copy it."""
+    from dvc_repos import init_pipeline_repo, reproduce_data_stages
+
+    root = tmp_path_factory.mktemp("dvc-data")
+    owned = Processes(workdir=root)
+    try:
+        init_pipeline_repo(owned, root)
+        reproduce_data_stages(owned, root)
+    finally:
+        owned.end_all()
+    return root
+
+
+@pytest.fixture
+def dvc_repo_with_data(dvc_data_repo: Path, tmp_path: Path) -> Path:
+    """A git + DVC pipeline repo (tiny params) whose data stages are reproduced and committed: a copy of the
+    session's `dvc_data_repo` in tmp_path, so each test's experiments start from the same committed state."""
+    from dvc_repos import copy_repo
+
+    return copy_repo(dvc_data_repo, tmp_path)
+
+
+def data_stage_params(cfg: Config) -> dict:
+    """The params the data stages (prepare, classifier, fid_stats) read, as dvc.yaml declares them."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = [p for name in ("prepare", "classifier", "fid_stats") for p in stages[name]["params"]]
+    flat = flatten(cfg.to_dict())
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(f"{p}.") for p in declared)}
+
+
+@pytest.fixture(scope="session")
+def data_stages(tmp_path_factory):
+    """prepare, classifier and fid_stats run once per session (in-process, the tiny params): a function
+    `copy_to(dest, cfg)` puts their outputs into `dest` for a test that trains on them with `cfg`, which must
+    not change a param those stages read (it would need its own data stages)."""
+    from ddpm.data.datasets import prepare
+    from ddpm.pipeline.evaluate import classifier_stage, fid_stats_stage
+    from ddpm.pipeline.layout import Layout
+
+    root = tmp_path_factory.mktemp("data-stages")
+    cfg = Config.from_dict(tiny_params())
+    paths = Layout.under(root)
+    prepare(cfg, paths.prepared)
+    classifier_stage(cfg, paths)
+    fid_stats_stage(cfg, paths)
+    made_with = data_stage_params(cfg)
+
+    def copy_to(dest: Path, test_cfg: Config) -> None:
+        assert data_stage_params(test_cfg) == made_with, "these params change the data stages: run them here"
+        shutil.copytree(root, dest, dirs_exist_ok=True)
+
+    return copy_to
