@@ -115,3 +115,19 @@ def test_stopping_the_test_run_ends_the_processes_its_tests_started(procs, tmp_p
     os.kill(run.pid, signum)  # the pytest process only, as a CI time-out or Ctrl-C in a terminal does
     assert run.wait(timeout=120) == pytest.ExitCode.INTERRUPTED, (tmp_path / "out.txt").read_text()
     assert _gone(child), f"pid {child} outlived the stopped test run"
+
+
+def test_procs_ends_a_detached_tool_process_working_in_the_test_directory(tmp_path):
+    """What `dvc queue start` leaves: workers in a session of their own, adopted by init, found by their cwd."""
+    from processes import Processes
+
+    owned = Processes(workdir=tmp_path)
+    script = "echo $$ > daemon.tmp && mv daemon.tmp daemon.pid && exec -a dvc sleep 300 </dev/null >/dev/null 2>&1"
+    assert owned.run(["setsid", "-f", "bash", "-c", script], timeout=60, cwd=tmp_path).returncode == 0
+    deadline = time.monotonic() + 60  # a last guard: the pid file is written at once
+    while not (tmp_path / "daemon.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon = int((tmp_path / "daemon.pid").read_text())
+    assert os.getsid(daemon) == daemon and not _gone(daemon)  # its own session: no group of ours holds it
+    owned.end_all()
+    assert _gone(daemon)
