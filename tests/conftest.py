@@ -5,15 +5,17 @@ from __future__ import annotations
 import copy
 import os
 import shlex
+import shutil
 import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from processes import Processes, describe, end_processes, stray_processes
 
-from ddpm.config import Config
+from ddpm.config import Config, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,8 +60,6 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
     """A temporary repository root holding the tiny params.yaml; the cwd for the test."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
 
 
@@ -69,7 +69,8 @@ def project_params_text() -> str:
     The workspace copy is experiment state: `dvc exp run` (so `make quickstart`, the README's first command)
     applies the experiment's params to it, so tests of the project's defaults must not read it.
     """
-    out = subprocess.run(["git", "-C", str(ROOT), "show", ":params.yaml"], capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", str(ROOT), "show", ":params.yaml"], capture_output=True, text=True,
+                         timeout=120)
     return out.stdout if out.returncode == 0 else (ROOT / "params.yaml").read_text()
 
 
@@ -85,7 +86,8 @@ def make_words(variable: str, **make_vars: str) -> list[str]:
     """A Makefile variable as make expands it, split like a shell: ['-S', 'key=value', ...]."""
     args = [f"{k}={v}" for k, v in make_vars.items()]
     out = subprocess.run(["make", "-s", "-C", str(ROOT), "VENV=/nonexistent", *args, "--eval",
-                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True)
+                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True,
+                         timeout=120)
     return shlex.split(out.stdout)
 
 
@@ -105,74 +107,165 @@ def make_overrides(variable: str, **make_vars: str) -> dict:
     return params
 
 
+# --------------------------------------------------------------------------------- the environment
+
+# what the code reads (ddpm/tracking: store, lineage, tracker) and what `dvc exp run` / `mlflow run` set; with a
+# user's `export MLFLOW_TRACKING_URI=...` the tests would log to their server, with DVC_ROOT into their repository
+_CLEARED = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "DVC_ROOT",
+            "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+
+
+def _clean_environment(mp: pytest.MonkeyPatch) -> None:
+    for name in {*_CLEARED, *(k for k in os.environ if k.startswith(("MLFLOW_", "DVC_")))}:
+        mp.delenv(name, raising=False)
+    mp.setenv("DVC_NO_ANALYTICS", "1")  # no network, and no detached `dvc daemon analytics` process
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_environment():
+    """No tracking/DVC variable of the user's shell reaches the session-scoped fixtures (or their processes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _clean_environment(mp)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_environment(monkeypatch):
+    """...nor a test, even if an earlier test (or code it ran in-process) exported one."""
+    _clean_environment(monkeypatch)
+
+
 # --------------------------------------------------------------------------------- subprocesses
 
-
-class Processes:
-    """Every subprocess a test starts, each leading its own process group (its `dvc`/`python -m stages.*`
-    children included), so teardown can end the whole group, whether the test passed or failed."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen] = []
-
-    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
-        """`subprocess.Popen` in a new session (process group), owned by this fixture."""
-        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    def run(self, args: list[str], timeout: float, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-        """Like `subprocess.run(args, capture_output=True, text=True, timeout=...)`, but a time-out ends the
-        whole process group (plain `subprocess.run` kills only the direct child) before raising."""
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        kwargs.setdefault("text", True)
-        proc = self.popen(args, **kwargs)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.end(proc)
-            raise
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        if check:
-            result.check_returncode()
-        return result
-
-    @staticmethod
-    def end(proc: subprocess.Popen, grace: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left of it after `grace` seconds."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break  # nothing of the group is left
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(proc.pid):
-                proc.poll()  # reap the leader, so it does not count as alive
-                time.sleep(0.05)
-            if not _group_alive(proc.pid):
-                break
-        proc.poll()
-
-    def end_all(self) -> None:
-        for proc in self._procs:
-            self.end(proc)
-        self._procs.clear()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+_BASETEMP = pytest.StashKey[Path]()
+_PREVIOUS_SIGTERM = pytest.StashKey[object]()
 
 
 @pytest.fixture
-def procs():
-    """Start subprocesses through this (`procs.popen`, `procs.run`): teardown ends their process groups."""
-    owned = Processes()
+def procs(tmp_path: Path):
+    """Start subprocesses through this (`procs.popen`, `procs.run`): teardown ends their process groups, and
+    any `dvc`/`mlflow`/`python -m ddpm|stages.*` process left working in the test's tmp_path."""
+    owned = Processes(workdir=tmp_path)
     try:
         yield owned
     finally:
         owned.end_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _basetemp(request, tmp_path_factory):
+    """Where every test's files are: the session's leak check also looks for processes working there."""
+    request.config.stash[_BASETEMP] = tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left(request):
+    """A test whose tool subprocess outlives it fails (after `procs`' teardown, which is set up later and so
+    ends first); the process is ended."""
+    yield
+    left = stray_processes(None)
+    if left:
+        lines = describe(left)
+        end_processes(left)
+        pytest.fail("the test left processes running (now ended):\n" + "\n".join(lines), pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish, which tears the fixtures down
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a tool process it started is still alive: a descendant of pytest, or (detached daemons
+    such as DVC queue workers are re-parented to init) one working under the session's basetemp. End them."""
+    left = stray_processes(session.config.stash.get(_BASETEMP, None))
+    if not left:
+        return
+    lines = describe(left)
+    end_processes(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "processes of the test run were still alive at its end (now ended):\n" + "\n".join(lines)
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("!", "processes left behind", red=True)
+        reporter.write_line(message)
+    else:
+        sys.stderr.write(message + "\n")
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --------------------------------------------------------------------------------- stopping the test run
+
+
+def _stop_on_sigterm(signum, frame):
+    """SIGTERM (a CI time-out, `kill`) stops the run like Ctrl-C: KeyboardInterrupt, so pytest still runs the
+    teardowns that end the tests' process groups. Later SIGTERMs are ignored until those are done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    config.stash[_PREVIOUS_SIGTERM] = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+def pytest_unconfigure(config):
+    previous = config.stash.get(_PREVIOUS_SIGTERM, None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+
+# --------------------------------------------------------------------------------- shared expensive setup
+
+
+@pytest.fixture(scope="session")
+def dvc_data_repo(tmp_path_factory) -> Path:
+    """One pipeline repo per session (see `dvc_repos`) where `dvc repro` ran the data stages (prepare,
+    classifier, fid_stats): the real DVC run of those stages, shared by the tests that copy it."""
+    from dvc_repos import init_pipeline_repo, reproduce_data_stages
+
+    root = tmp_path_factory.mktemp("dvc-data")
+    owned = Processes(workdir=root)
+    try:
+        init_pipeline_repo(owned, root)
+        reproduce_data_stages(owned, root)
+    finally:
+        owned.end_all()
+    return root
+
+
+@pytest.fixture
+def dvc_repo_with_data(dvc_data_repo: Path, tmp_path: Path) -> Path:
+    """A git + DVC pipeline repo (tiny params) whose data stages are reproduced and committed: a copy of the
+    session's `dvc_data_repo` in tmp_path, so each test's experiments start from the same committed state."""
+    from dvc_repos import copy_repo
+
+    return copy_repo(dvc_data_repo, tmp_path)
+
+
+def data_stage_params(cfg: Config) -> dict:
+    """The params the data stages (prepare, classifier, fid_stats) read, as dvc.yaml declares them."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = [p for name in ("prepare", "classifier", "fid_stats") for p in stages[name]["params"]]
+    flat = flatten(cfg.to_dict())
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(f"{p}.") for p in declared)}
+
+
+@pytest.fixture(scope="session")
+def data_stages(tmp_path_factory):
+    """prepare, classifier and fid_stats run once per session (in-process, the tiny params): a function
+    `copy_to(dest, cfg)` puts their outputs into `dest` for a test that trains on them with `cfg`, which must
+    not change a param those stages read (it would need its own data stages)."""
+    from ddpm.data.datasets import prepare
+    from ddpm.pipeline.evaluate import classifier_stage, fid_stats_stage
+    from ddpm.pipeline.layout import Layout
+
+    root = tmp_path_factory.mktemp("data-stages")
+    cfg = Config.from_dict(tiny_params())
+    paths = Layout.under(root)
+    prepare(cfg, paths.prepared)
+    classifier_stage(cfg, paths)
+    fid_stats_stage(cfg, paths)
+    made_with = data_stage_params(cfg)
+
+    def copy_to(dest: Path, test_cfg: Config) -> None:
+        assert data_stage_params(test_cfg) == made_with, "these params change the data stages: run them here"
+        shutil.copytree(root, dest, dirs_exist_ok=True)
+
+    return copy_to

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_params
+from processes import Processes
 
 import ddpm.pipeline.evaluate as evaluate_mod
 import ddpm.pipeline.sample as sample_mod
 import ddpm.pipeline.train as train_mod
 from ddpm.config import Config
-from ddpm.data.datasets import prepare
-from ddpm.pipeline.evaluate import classifier_stage, evaluate_stage, fid_stats_stage
+from ddpm.pipeline.evaluate import evaluate_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
@@ -45,17 +45,13 @@ def _runs(repo: Path) -> list:
 
 
 @pytest.fixture
-def pipeline(tmp_path: Path, monkeypatch) -> tuple[Path, Config]:
-    """A repo where prepare, classifier and fid_stats ran; the cwd, with params.yaml written."""
+def pipeline(tmp_path: Path, monkeypatch, data_stages) -> tuple[Path, Config]:
+    """A repo holding the outputs of prepare, classifier and fid_stats (the session's, copied); the cwd, with
+    params.yaml written."""
     monkeypatch.chdir(tmp_path)
-    for var in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(var, raising=False)
     cfg = Config.from_dict(_params())
+    data_stages(tmp_path, cfg)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    paths = Layout.under(tmp_path)
-    prepare(cfg, paths.prepared)
-    classifier_stage(cfg, paths)
-    fid_stats_stage(cfg, paths)
     return tmp_path, cfg
 
 
@@ -122,9 +118,12 @@ def _env() -> dict:
     return env
 
 
-def _start(repo: Path, command: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ddpm", command], cwd=repo, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _start(repo: Path, command: str, procs: Processes | None = None) -> subprocess.Popen:
+    """`python -m ddpm COMMAND` in `repo`, owned by `procs` (whose teardown ends its process group). Without
+    it, conftest's per-test check still ends a process that outlives the test, and fails that test."""
+    popen = procs.popen if procs is not None else subprocess.Popen
+    return popen([sys.executable, "-m", "ddpm", command], cwd=repo, env=_env(), stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE, text=True)
 
 
 def _wait_running(repo: Path, proc: subprocess.Popen, metric: str | None = None, timeout: float = 180.0):
@@ -182,13 +181,13 @@ def test_sigterm_marks_the_run_killed_in_train_sample_and_evaluate(pipeline):
 
 
 @pytest.mark.slow
-def test_sigkill_before_the_first_checkpoint_is_continued_in_the_same_run(pipeline):
+def test_sigkill_before_the_first_checkpoint_is_continued_in_the_same_run(pipeline, procs):
     """The issue's orphan: SIGKILL before `.resume` holds a checkpoint. The next start with the same params
     continues the same MLflow run and TensorBoard directory, and no run stays RUNNING."""
     repo, _ = pipeline
     params = _params(train={**tiny_params()["train"], "steps": 40, "checkpoint_every": 1000, "sample_every": 0})
     _write(repo, params)
-    proc = _start(repo, "train")
+    proc = _start(repo, "train", procs)
     orphan = _wait_running(repo, proc, metric="train/loss")  # training is under way
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -196,8 +195,7 @@ def test_sigkill_before_the_first_checkpoint_is_continued_in_the_same_run(pipeli
     assert not (key / "last.pt").exists()  # killed before its first checkpoint
     assert _client(repo).get_run(orphan.info.run_id).info.status == "RUNNING"  # until the next start
 
-    rerun = subprocess.run([sys.executable, "-m", "ddpm", "train"], cwd=repo, env=_env(), capture_output=True,
-                           text=True, timeout=600)
+    rerun = procs.run([sys.executable, "-m", "ddpm", "train"], timeout=600, cwd=repo, env=_env())
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     runs = _runs(repo)
     assert [r.info.run_id for r in runs] == [orphan.info.run_id]  # the same run, no new one

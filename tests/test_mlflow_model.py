@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,8 +19,7 @@ from PIL import Image
 
 from ddpm.config import Config
 from ddpm.core.images import grid_hwc, viewable
-from ddpm.data.datasets import prepare
-from ddpm.pipeline.evaluate import classifier_stage, evaluate_stage, fid_stats_stage
+from ddpm.pipeline.evaluate import evaluate_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
@@ -42,8 +40,9 @@ def _clean_env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Every stage function once, in a fresh directory: the run as the MLflow store holds it."""
+def pipeline(tmp_path_factory, data_stages):
+    """Every stage function once (the data stages: the session's, copied), in a fresh directory: the run as
+    the MLflow store holds it."""
     root = tmp_path_factory.mktemp("pipe")
     params = tiny_params(tracking={"experiment": "users", "log_every": 2, "system_metrics": True,
                                    "register_model": REGISTERED})
@@ -54,9 +53,8 @@ def pipeline(tmp_path_factory):
             mp.delenv(name, raising=False)
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
         paths = Layout.under(root)
-        meta = prepare(cfg, paths.prepared)
-        classifier_stage(cfg, paths)
-        fid_stats_stage(cfg, paths)
+        data_stages(root, cfg)
+        meta = json.loads((paths.prepared / "meta.json").read_text())
         train(cfg, paths)
         sample_stage(cfg, paths)
         evaluate_stage(cfg, paths)
@@ -140,13 +138,13 @@ print(json.dumps({"inputs": schema.inputs.input_names(), "params": [p.name for p
 """
 
 
-def test_registered_pyfunc_model_loads_in_a_fresh_process_and_equals_the_cli(pipeline, tmp_path):
+def test_registered_pyfunc_model_loads_in_a_fresh_process_and_equals_the_cli(pipeline, tmp_path, procs):
     root, client = pipeline.root, pipeline.client
     version = client.get_model_version(REGISTERED, "1")
     assert version.run_id == pipeline.run.info.run_id
     out = tmp_path / "pyfunc.npy"
-    proc = subprocess.run([sys.executable, "-c", _LOAD, tracking_uri(root), f"models:/{REGISTERED}/1", str(out)],
-                          cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    proc = procs.run([sys.executable, "-c", _LOAD, tracking_uri(root), f"models:/{REGISTERED}/1", str(out)],
+                     timeout=300, cwd=tmp_path, env=_clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["inputs"] == ["class"]
@@ -156,9 +154,9 @@ def test_registered_pyfunc_model_loads_in_a_fresh_process_and_equals_the_cli(pip
     assert images.dtype == np.uint8 and images.shape == (4, 16, 16, 3)
 
     png = tmp_path / "cli.png"
-    cli = subprocess.run([sys.executable, "-m", "ddpm", "sample", "--checkpoint", "models/ema.pt", "--classes",
-                          "square,3", "--n", "2", "--guidance", "2", "--steps", "3", "--seed", "5", "--out", str(png)],
-                         cwd=root, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    cli = procs.run([sys.executable, "-m", "ddpm", "sample", "--checkpoint", "models/ema.pt", "--classes",
+                     "square,3", "--n", "2", "--guidance", "2", "--steps", "3", "--seed", "5", "--out", str(png)],
+                    timeout=300, cwd=root, env=_clean_env())
     assert cli.returncode == 0, cli.stderr[-3000:]
     expected = viewable(grid_hwc(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=2))  # the CLI's grid layout
     np.testing.assert_array_equal(np.asarray(Image.open(png)), expected)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import make_overrides, make_words, tiny_params
+from dvc_repos import init_pipeline_repo
+from dvc_repos import run_ok as _run
+from dvc_repos import tool_env as _env
+from processes import Processes
 
 from ddpm.config import Config, flatten, load_config
 from ddpm.data.datasets import prepare
@@ -57,7 +60,7 @@ def test_dvc_yaml_stages_are_thin_and_declare_what_they_read():
         assert "run_stage(" in (ROOT / script).read_text(), f"{script} should hand its work to ddpm.cli.run_stage"
 
 
-def test_stage_commands_run_the_code_of_their_own_working_copy(tmp_path):
+def test_stage_commands_run_the_code_of_their_own_working_copy(tmp_path, procs):
     """`dvc exp run --queue`/`--temp` run each experiment in a copy under .dvc/tmp/exps/. Its stages must
     import that copy's `ddpm`, not the workspace's (where the editable install points): else code edited
     while the queue runs would train, recorded under the queued code's hash. `python -m stages.NAME` puts
@@ -69,7 +72,7 @@ def test_stage_commands_run_the_code_of_their_own_working_copy(tmp_path):
     for name, stage in _dvc_yaml()["stages"].items():
         cmd = stage["cmd"].split()
         assert cmd[0] == "python", name
-        out = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=env, capture_output=True, text=True)
+        out = procs.run([sys.executable, *cmd[1:]], timeout=300, cwd=tmp_path, env=env)
         assert out.returncode == 3 and str(tmp_path / "ddpm") in out.stdout, (name, out.stdout, out.stderr[-300:])
 
 
@@ -117,59 +120,32 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
 # ----------------------------------------------------------------------------------- real DVC runs
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `python` in dvc.yaml = this venv
-    for k in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        env.pop(k, None)
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 @pytest.fixture
-def dvc_repo(tmp_path: Path) -> Path:
+def dvc_repo(tmp_path: Path, procs: Processes) -> Path:
     """A fresh git + DVC repository holding this project's pipeline with the tiny params."""
-    for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / item, tmp_path / item)
-    for folder in ("stages", "ddpm"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    params = tiny_params(tracking={"experiment": "cmp", "log_every": 2, "system_metrics": False,
-                                   "tensorboard": True})
-    full = Config.from_dict(params).to_dict()  # DVC needs every key a stage lists to be in the file
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    _run(["git", "init", "-q"], tmp_path)
-    _run(["git", "config", "user.email", "t@example.com"], tmp_path)
-    _run(["git", "config", "user.name", "test"], tmp_path)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    _run(["git", "add", "-A"], tmp_path)
-    _run(["git", "commit", "-qm", "pipeline"], tmp_path)
-    return tmp_path
+    return init_pipeline_repo(procs, tmp_path)
 
 
 @pytest.mark.slow
-def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: Path):
+def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo_with_data: Path, procs):
     import mlflow
 
-    _run([sys.executable, "-m", "dvc", "repro"], dvc_repo)
+    dvc_repo = dvc_repo_with_data  # prepare, classifier and fid_stats ran (for real, in DVC) once per session
+    _run(procs, [sys.executable, "-m", "dvc", "repro"], dvc_repo)
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     ema_hash = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/ema.pt")
 
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "schedule=cosine"], dvc_repo)
+    _run(procs, [sys.executable, "-m", "dvc", "exp", "run", "-S", "schedule=cosine"], dvc_repo)
     lock2 = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
     assert lock2["stages"]["train"]["params"]["params.yaml"]["schedule"] == "cosine"
     ema_hash2 = next(o["md5"] for o in lock2["stages"]["train"]["outs"] if o["path"] == "models/ema.pt")
     assert ema_hash2 != ema_hash  # the schedule changed the trained weights
     # the classifier (and prepared data) were reused from the cache, not retrained
     assert lock2["stages"]["classifier"] == lock["stages"]["classifier"]
-    shown = _run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], dvc_repo).stdout
+    shown = _run(procs, [sys.executable, "-m", "dvc", "exp", "show", "--csv"], dvc_repo).stdout
     assert "cosine" in shown and "class_accuracy" in shown
-    _run([sys.executable, "-m", "dvc", "plots", "show", "-o", "rendered"], dvc_repo)
+    _run(procs, [sys.executable, "-m", "dvc", "plots", "show", "-o", "rendered"], dvc_repo)
     html = (dvc_repo / "rendered/index.html").read_text()
     assert "train_loss" in html and "guidance_sweep" in html and "grid.png" in html
 
@@ -190,11 +166,11 @@ def test_dvc_repro_then_a_cosine_experiment_is_tracked_and_comparable(dvc_repo: 
     assert cosine.data.tags["dvc.exp_name"] == cosine.info.run_name  # named after the DVC experiment
     assert len(cosine.data.tags["dvc.exp_baseline_rev"]) == 40
 
-    table = _run([sys.executable, "-m", "ddpm", "compare", "--experiment", "cmp"], dvc_repo).stdout
+    table = _run(procs, [sys.executable, "-m", "ddpm", "compare", "--experiment", "cmp"], dvc_repo).stdout
     assert "schedule" in table and "cosine" in table and "linear" in table
 
     # a sampling-only experiment re-samples the cached (cosine) training, into a child run of its own
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "sample.guidance_scale=2.5"], dvc_repo)
+    _run(procs, [sys.executable, "-m", "dvc", "exp", "run", "-S", "sample.guidance_scale=2.5"], dvc_repo)
     lock3 = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
     assert lock3["stages"]["train"] == lock2["stages"]["train"]  # not retrained
     assert lock3["stages"]["sample"]["params"]["params.yaml"]["sample"]["guidance_scale"] == 2.5
@@ -235,50 +211,53 @@ def test_dvc_yaml_declares_the_ema_model_as_an_artifact():
 
 
 @pytest.mark.slow
-def test_push_then_a_fresh_clone_pulls_the_model_without_running_a_stage(dvc_repo: Path, tmp_path_factory):
+def test_push_then_a_fresh_clone_pulls_the_model_without_running_a_stage(dvc_repo_with_data: Path, procs,
+                                                                         tmp_path_factory):
     """The README's *Share and reproduce elsewhere*: a directory as DVC remote, a bare repository as git remote."""
+    dvc_repo = dvc_repo_with_data
     dvc = [sys.executable, "-m", "dvc"]
     shared = tmp_path_factory.mktemp("shared")
     remote, origin, clone = shared / "dvc-store", shared / "origin.git", shared / "clone"
-    _run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], shared)
-    _run([*dvc, "remote", "add", "-d", "store", str(remote)], dvc_repo)
-    _run([*dvc, "repro"], dvc_repo)
-    _run(["git", "add", "-A"], dvc_repo)
-    _run(["git", "commit", "-qm", "trained"], dvc_repo)
-    _run(["git", "tag", "-a", "ddpm-ema@v0.1.0", "-m", "the first model"], dvc_repo)  # a registry version
-    _run([*dvc, "push"], dvc_repo)
-    _run(["git", "push", "-q", "--follow-tags", str(origin), "HEAD:refs/heads/main"], dvc_repo)
+    _run(procs, ["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], shared)
+    _run(procs, [*dvc, "remote", "add", "-d", "store", str(remote)], dvc_repo)
+    _run(procs, [*dvc, "repro"], dvc_repo)
+    _run(procs, ["git", "add", "-A"], dvc_repo)
+    _run(procs, ["git", "commit", "-qm", "trained"], dvc_repo)
+    _run(procs, ["git", "tag", "-a", "ddpm-ema@v0.1.0", "-m", "the first model"], dvc_repo)  # a registry version
+    _run(procs, [*dvc, "push"], dvc_repo)
+    _run(procs, ["git", "push", "-q", "--follow-tags", str(origin), "HEAD:refs/heads/main"], dvc_repo)
 
-    _run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], shared)
+    _run(procs, ["git", "clone", "-q", "-b", "main", str(origin), str(clone)], shared)
     assert not (clone / "models" / "ema.pt").exists()
-    _run([*dvc, "pull"], clone)
+    _run(procs, [*dvc, "pull"], clone)
     assert (clone / "models/ema.pt").read_bytes() == (dvc_repo / "models/ema.pt").read_bytes()
     assert (clone / "samples/samples.npz").read_bytes() == (dvc_repo / "samples/samples.npz").read_bytes()
-    status = _run([*dvc, "status"], clone).stdout
+    status = _run(procs, [*dvc, "status"], clone).stdout
     assert "Data and pipelines are up to date" in status, status
-    dry = _run([*dvc, "repro", "--dry"], clone).stdout
+    dry = _run(procs, [*dvc, "repro", "--dry"], clone).stdout
     assert "didn't change, skipping" in dry and "Running stage" not in dry, dry
     # the model registry view of the same file: `dvc artifacts get` fetches a version by name from the repository
-    _run([*dvc, "artifacts", "get", str(origin), "ddpm-ema", "--rev", "v0.1.0", "-o", str(shared / "got.pt")],
+    _run(procs, [*dvc, "artifacts", "get", str(origin), "ddpm-ema", "--rev", "v0.1.0", "-o", str(shared / "got.pt")],
          shared)
     assert (shared / "got.pt").read_bytes() == (dvc_repo / "models/ema.pt").read_bytes()
 
 
 @pytest.mark.slow
-def test_every_mlflow_run_entry_point_logs_into_the_run_mlflow_created(dvc_repo: Path):
+def test_every_mlflow_run_entry_point_logs_into_the_run_mlflow_created(dvc_repo_with_data: Path, procs):
     """`mlflow run . --env-manager local -e ENTRY`: one run per command, in the chosen experiment, none hollow."""
     import mlflow
 
+    dvc_repo = dvc_repo_with_data
+
     for item in ("MLproject", "conda.yaml"):
         shutil.copy(ROOT / item, dvc_repo / item)
-    _run(["git", "add", "-A"], dvc_repo)
-    _run(["git", "commit", "-qm", "mlproject"], dvc_repo)
+    _run(procs, ["git", "add", "-A"], dvc_repo)
+    _run(procs, ["git", "commit", "-qm", "mlproject"], dvc_repo)
     uri = f"sqlite:///{dvc_repo}/mlflow.db"
     env = {**_env(), "MLFLOW_TRACKING_URI": uri}
     mlflow_cli = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "proj"]
     for entry, extra in (("main", ["-P", "schedule=cosine"]), ("sample", []), ("evaluate", []), ("train", [])):
-        proc = subprocess.run([*mlflow_cli, "-e", entry, *extra], cwd=dvc_repo, env=env, capture_output=True,
-                              text=True, timeout=900)
+        proc = procs.run([*mlflow_cli, "-e", entry, *extra], timeout=900, cwd=dvc_repo, env=env)
         assert proc.returncode == 0, f"mlflow run -e {entry}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
     client = mlflow.MlflowClient(uri)

@@ -8,14 +8,15 @@ import csv
 import hashlib
 import io
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import _env, _run, dvc_repo  # noqa: F401 - dvc_repo is a fixture
+from dvc_repos import DVC
+from dvc_repos import run_ok as _run
+from dvc_repos import tool_env as _env
+from processes import Processes
 
-DVC = [sys.executable, "-m", "dvc"]
 SHARED = {".git", ".dvc", "mlflow.db", "mlflow.db-init.lock", "mlartifacts", "logs", ".resume"}
 
 
@@ -40,10 +41,10 @@ def _assert_unchanged(before: tuple, after: tuple) -> None:
     assert not changed, f"workspace files changed: {sorted(changed)}"
 
 
-def _state(repo: Path) -> tuple[str, str, dict]:
+def _state(procs: Processes, repo: Path) -> tuple[str, str, dict]:
     """What must not change: `git status`, `dvc status` and the workspace files."""
-    git = _run(["git", "status", "--porcelain"], repo).stdout
-    dvc = _run([*DVC, "status"], repo).stdout
+    git = _run(procs, ["git", "status", "--porcelain"], repo).stdout
+    dvc = _run(procs, [*DVC, "status"], repo).stdout
     return git, dvc, _workspace(repo)
 
 
@@ -53,12 +54,11 @@ def _queue_env() -> dict:
     return env
 
 
-def _wait_for_queue(repo: Path, timeout: float = 900.0) -> str:
+def _wait_for_queue(procs: Processes, repo: Path, timeout: float = 900.0) -> str:
     """Poll `dvc queue status` until nothing is queued or running; return the last status table."""
     deadline = time.monotonic() + timeout
     while True:
-        status = subprocess.run([*DVC, "queue", "status"], cwd=repo, env=_env(), capture_output=True,
-                                text=True, timeout=120).stdout
+        status = procs.run([*DVC, "queue", "status"], timeout=120, cwd=repo, env=_env()).stdout
         rows = [line for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker")]
         if rows and not any(s in line for line in rows for s in ("Queued", "Running")):
             return status
@@ -66,34 +66,35 @@ def _wait_for_queue(repo: Path, timeout: float = 900.0) -> str:
         time.sleep(3)
 
 
-def _exp_table(repo: Path) -> dict[str, dict[str, str]]:
+def _exp_table(procs: Processes, repo: Path) -> dict[str, dict[str, str]]:
     """`dvc exp show --csv` as {experiment name: {column: value}} (named experiments only)."""
-    text = _run([*DVC, "exp", "show", "--csv"], repo).stdout
+    text = _run(procs, [*DVC, "exp", "show", "--csv"], repo).stdout
     return {row["Experiment"]: row for row in csv.DictReader(io.StringIO(text)) if row["Experiment"]}
 
 
 @pytest.mark.slow
-def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace_alone(dvc_repo: Path):  # noqa: F811
+def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace_alone(dvc_repo_with_data: Path,
+                                                                                       procs):
     import mlflow
 
-    repo = dvc_repo
-    before = _state(repo)
-    _run([*DVC, "exp", "run", "--queue", "--name", "q-cosine", "-S", "schedule=cosine"], repo)
-    _run([*DVC, "exp", "run", "--queue", "--name", "q-linear", "-S", "schedule=linear",
+    repo = dvc_repo_with_data  # prepare, classifier and fid_stats ran (for real, in DVC) once per session
+    before = _state(procs, repo)
+    _run(procs, [*DVC, "exp", "run", "--queue", "--name", "q-cosine", "-S", "schedule=cosine"], repo)
+    _run(procs, [*DVC, "exp", "run", "--queue", "--name", "q-linear", "-S", "schedule=linear",
           "-S", "sample.guidance_scale=2.0"], repo)
     try:
         # the detached workers inherit the output streams: a file, not a pipe we would wait on forever
         with open(repo.parent / "queue-start.log", "w") as log:
-            started = subprocess.run([*DVC, "queue", "start", "-j", "2"], cwd=repo, env=_queue_env(),
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=120)
+            started = procs.run([*DVC, "queue", "start", "-j", "2"], timeout=120, cwd=repo, env=_queue_env(),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         assert started.returncode == 0, (repo.parent / "queue-start.log").read_text()
-        status = _wait_for_queue(repo)
-    finally:  # never leave workers behind, even when the test fails
-        subprocess.run([*DVC, "queue", "stop", "--kill"], cwd=repo, env=_env(), capture_output=True, timeout=120)
-    assert status.count("Success") == 2, status + _run([*DVC, "queue", "logs", "q-cosine"], repo).stdout
+        status = _wait_for_queue(procs, repo)
+    finally:  # never leave workers behind, even when the test fails (`procs` then ends any still in repo/)
+        procs.run([*DVC, "queue", "stop", "--kill"], timeout=120, cwd=repo, env=_env())
+    assert status.count("Success") == 2, status + _run(procs, [*DVC, "queue", "logs", "q-cosine"], repo).stdout
 
     # DVC recorded each experiment with its own params and its own (different) metrics
-    table = _exp_table(repo)
+    table = _exp_table(procs, repo)
     assert table["q-cosine"]["schedule"] == "cosine" and table["q-linear"]["schedule"] == "linear"
     assert table["q-linear"]["sample.guidance_scale"] == "2.0"
     assert table["q-cosine"]["loss"] != table["q-linear"]["loss"]
@@ -117,12 +118,12 @@ def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace
     a, b = runs["q-cosine"].info, runs["q-linear"].info
     assert a.start_time < b.end_time and b.start_time < a.end_time  # the two ran at the same time
     assert len(list((repo / ".resume").iterdir())) == 2  # resume state per experiment, in the parent
-    _assert_unchanged(before, _state(repo))  # the user's workspace: untouched
+    _assert_unchanged(before, _state(procs, repo))  # the user's workspace: untouched
 
     # --temp: a sampling-only experiment on the linear training (same training params: the finished
     # resume state is reused, no retraining), in a child run of that training run
-    _run([*DVC, "exp", "run", "--temp", "--name", "t-guided", "-S", "sample.guidance_scale=3.0"], repo)
-    table = _exp_table(repo)
+    _run(procs, [*DVC, "exp", "run", "--temp", "--name", "t-guided", "-S", "sample.guidance_scale=3.0"], repo)
+    table = _exp_table(procs, repo)
     assert table["t-guided"]["sample.guidance_scale"] == "3.0"
     assert table["t-guided"]["loss"] == table["q-linear"]["loss"]  # the same training
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("cmp").experiment_id])}
@@ -132,7 +133,7 @@ def test_queued_experiments_run_concurrently_and_a_temp_run_leaves_the_workspace
     assert child.data.tags["mlflow.parentRunId"] == runs["q-linear"].info.run_id
     assert "eval/class_accuracy" in child.data.metrics
     assert runs["q-linear"].data.params["sample.guidance_scale"] == "2.0"  # its own results stay its own
-    _assert_unchanged(before, _state(repo))
+    _assert_unchanged(before, _state(procs, repo))
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))  # DVC removed its temporary copies
 
 

@@ -33,7 +33,8 @@ _PROBE = textwrap.dedent(
 
 
 def _faults_per_round(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
+                         timeout=300)
     return int(out.stdout.strip()) / 10
 
 

@@ -42,7 +42,7 @@ def test_the_linter_refuses_unsafe_code(source, rule):
         return subprocess.run(
             [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
              "--stdin-filename", str(ROOT / "ddpm" / "probe.py"), "-"],
-            input=text, capture_output=True, text=True, cwd=ROOT, check=False,
+            input=text, capture_output=True, text=True, cwd=ROOT, check=False, timeout=120,
         )
 
     bad = lint(source)
@@ -54,6 +54,6 @@ def test_stage_scripts_may_import_only_ddpm():
     out = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
          "--stdin-filename", str(ROOT / "stages" / "probe.py"), "-"],
-        input="import torch\n\nprint(torch)\n", capture_output=True, text=True, cwd=ROOT, check=False,
+        input="import torch\n\nprint(torch)\n", capture_output=True, text=True, cwd=ROOT, check=False, timeout=120,
     )
     assert out.returncode == 1 and "TID251 `torch` is banned" in out.stdout, out.stdout + out.stderr

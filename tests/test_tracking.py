@@ -37,7 +37,7 @@ def _cfg(**overrides) -> Config:
 
 def _git(repo: Path, *args: str) -> str:
     cmd = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,7 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path):
+def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path, procs):
     """A real `kill -9` of `python -m ddpm train` once a checkpoint exists; the rerun resumes from it."""
     import subprocess
     import sys
@@ -279,7 +279,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path):
     paths = _prepared(repo, cfg)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = [sys.executable, "-m", "ddpm", "train"]
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(resume_root(repo).glob("*/previous.pt")) and time.time() < deadline:
         time.sleep(0.05)  # wait until at least two checkpoints exist, i.e. mid-run
@@ -290,7 +290,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(tmp_path):
     # in which case the store falls back to previous.pt
     resumed_from = ResumeStore(next(resume_root(repo).iterdir())).load()["step"]
     assert 0 < resumed_from < 40
-    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    done = procs.run(cmd, timeout=300, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"at step {resumed_from}" in done.stderr
     assert paths.ema.read_bytes() == reference.ema.read_bytes()
