@@ -15,15 +15,9 @@ from ddpm.config import Config, load_config
 from ddpm.data.datasets import prepare
 from ddpm.evaluation.classifier import Classifier, extract_features
 from ddpm.evaluation.metrics import precision_recall
-from ddpm.pipeline.evaluate import (
-    classifier_stage,
-    count_tag,
-    equal_size,
-    evaluate_stage,
-    fid_stats_stage,
-    offline_metrics,
-    sweep_metric_names,
-)
+from ddpm.pipeline.classifier import classifier_stage
+from ddpm.pipeline.evaluate import count_tag, equal_size, evaluate_stage, offline_metrics, sweep_metric_names
+from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
