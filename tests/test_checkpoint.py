@@ -107,6 +107,21 @@ def test_file_needing_code_is_refused(tmp_path: Path, tiny_cfg: Config, bad):
     assert "corrupt" not in str(err.value)  # not a disk problem: the user must not go hunting for one
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["plain-pickle", "legacy-torch-format"])
+def test_a_pickle_that_is_not_a_torch_zip_is_refused_naming_the_code_it_needs(tmp_path: Path, legacy: bool):
+    """torch's own list of refused globals reads torch.save's zip files only; other pickles are named too."""
+    import pickle
+
+    path = tmp_path / "other.pt"
+    if legacy:
+        torch.save({"extra": Opaque()}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps({"ema": Opaque()}))
+    with pytest.raises(CheckpointError, match="refused for safety") as err:
+        load_checkpoint(path)
+    assert f"{__name__}.Opaque" in str(err.value) and err.value.problem == "unsafe"
+
+
 def test_save_refuses_entries_that_could_not_be_loaded_back(tmp_path: Path, tiny_cfg: Config):
     import numpy as np
 

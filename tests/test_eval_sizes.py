@@ -11,6 +11,7 @@ import yaml
 from conftest import make_overrides, tiny_params
 
 import ddpm.pipeline.sample as sample_mod
+import ddpm.pipeline.trained_model as trained_model_mod
 from ddpm.config import Config, load_config
 from ddpm.data.datasets import prepare
 from ddpm.evaluation.classifier import Classifier, extract_features
@@ -96,7 +97,8 @@ def test_evaluation_sampling_uses_sample_precision_not_train_precision(tmp_path,
         seen.append(kwargs["precision"])
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sample_mod, "generate", spy)
+    monkeypatch.setattr(sample_mod, "generate", spy)  # the grid and the denoising picture
+    monkeypatch.setattr(trained_model_mod, "generate", spy)  # the evaluation set, and the sweep's sets
     meta = sample_stage(cfg, paths)
     evaluate_stage(cfg, paths)  # the guidance sweep samples too
     assert meta["precision"] == "fp32" and len(seen) == 3 + 2 and set(seen) == {"fp32"}

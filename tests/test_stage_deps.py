@@ -233,3 +233,9 @@ def test_a_comment_in_reporting_code_leaves_the_pipeline_up_to_date(repro_done: 
     unet = repro_done / "ddpm/core/unet.py"
     unet.write_text(unet.read_text() + "# an edit in the network's module\n")
     assert _changed_stages(repro_done, procs) == {"train", "sample", "evaluate"}
+
+
+if __name__ == "__main__":  # `python tests/test_stage_deps.py`: the ddpm deps each stage should list
+    for stage_name in _stages():
+        deps = suggested_deps(static_closure(Path("stages", f"{stage_name}.py")))
+        print(f"{stage_name}:", *(f"  - {d}" for d in deps), sep="\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
@@ -111,19 +112,48 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 def _load_error(path: Path, err: Exception) -> CheckpointError:
-    """Why torch.load failed: a torch file naming code to run (refused for safety), or a damaged file."""
+    """Why torch.load failed: a file naming code to run (refused for safety), or a damaged one."""
     detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if isinstance(err, pickle.UnpicklingError):  # weights_only refused the pickle: unsafe, or not a pickle at all
-        try:  # torch's own list of the globals weights_only refuses (torch.save zip files; others raise)
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - a legacy or damaged file raises here as it did in torch.load
-            unsafe = []
+        unsafe = _refused_globals(path)
         if unsafe:
             names = ", ".join(unsafe[:3])
             return CheckpointError("unsafe", f"checkpoint {path} holds objects that are not plain tensors or data "
                                    f"({names}), so it was refused for safety (loading it would run code)")
         detail = "not a readable torch file"
     return CheckpointError("corrupt", f"checkpoint {path} is truncated or corrupt ({detail})")
+
+
+class _NeedsCode(Exception):
+    pass
+
+
+class _FirstGlobal(pickle.Unpickler):
+    """Builds nothing that needs code: the first class or function a pickle asks for stops it, by name."""
+
+    def find_class(self, module: str, name: str):
+        raise _NeedsCode(f"{module}.{name}")
+
+    def persistent_load(self, pid):  # a legacy torch file's tensor storages: not needed to find a global
+        return None
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """The globals that made weights_only refuse `path`: torch's own list for a torch.save (zip) file; for a
+    plain or legacy pickle, the first global it needs. Empty when the bytes are not a pickle (damage)."""
+    if zipfile.is_zipfile(path):
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - a damaged zip raises here as it did in torch.load
+            return []
+    try:
+        with open(path, "rb") as f:
+            while True:  # a legacy torch file is several pickles in a row
+                _FirstGlobal(f).load()
+    except _NeedsCode as needed:
+        return [str(needed)]
+    except Exception:  # noqa: BLE001 - EOFError at the end, UnpicklingError and others on garbage
+        return []
 
 
 def _check_format(ckpt: Any, path: Path) -> None:
