@@ -7,7 +7,7 @@ unpickling code, every file loads with `torch.load(..., weights_only=True)`: a c
 run code, and one that would need to is refused.
 
 Errors are plain (FileNotFoundError, CheckpointError, TypeError/ValueError for a bad payload): the
-workflows that read checkpoints turn them into messages naming the fix (`ddpm.pipeline.checkpoints`).
+workflows that read checkpoints turn them into messages naming the fix (`ddpm.pipeline.trained_model`).
 The network rebuilt from a checkpoint is `ddpm.core.restore`.
 """
 
