@@ -1,6 +1,7 @@
 """`python -m ddpm {prepare,classifier,fid-stats,train,sample,evaluate,compare,bench}`.
 
-The DVC stage scripts in `stages/` call `run_stage`, so a stage and its CLI command run the same code.
+The DVC stage scripts in `stages/` call `ddpm.pipeline.entry.run_stage`, which runs the same workflow
+functions as these commands.
 Problems the user can fix (`UserError`) print one short message and exit 2 (a traceback only with
 `--debug`); SIGINT/SIGTERM during training checkpoint and exit 128 + signal number.
 """
@@ -9,87 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
 from ddpm.config import CompileMode, Config, EvaluateConfig, load_config
-from ddpm.errors import Interrupted, UserError
+from ddpm.errors import UserError
+from ddpm.pipeline.entry import configure_logging, guarded, repo_root
 from ddpm.pipeline.layout import Layout
-
-
-def repo_root() -> Path:
-    """Where this stage runs: the current directory, which holds params.yaml and the stage's files.
-
-    Not `DVC_ROOT`: `dvc exp run --temp/--queue` runs each experiment in a copy under `.dvc/tmp/exps/`
-    (the current directory, with the experiment's params.yaml) and points `DVC_ROOT` at the parent
-    repository. Only the shared stores (MLflow, TensorBoard, `.resume/`) live there, see
-    `ddpm.tracking.store.store_root`.
-    """
-    return Path.cwd().resolve()
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time (as `print(..., file=sys.stderr)` did)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-class _Format(logging.Formatter):
-    """`warning: ...` for warnings and errors, the bare message for information."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
-
-
-def configure_logging() -> None:
-    """The package's log records (warnings, resume notices) go to stderr; set once per process."""
-    logger = logging.getLogger("ddpm")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(_Format("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-
-def _guarded(fn: Callable[[], object], debug: bool) -> int:
-    """Run `fn`, turning user errors and interruptions into exit codes."""
-    try:
-        fn()
-        return 0
-    except UserError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except Interrupted as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        return 128 + err.signum
-
-
-def run_stage(work: Callable[[Config, Path], object], argv: list[str] | None = None) -> None:
-    """Entry point of a DVC stage script: validate params.yaml, run one workflow, exit with its status."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    args = parser.parse_args(argv)
-    root = repo_root()
-    configure_logging()
-
-    def go():
-        cfg = load_config(root / args.params if not Path(args.params).is_absolute() else args.params)
-        work(cfg, root)
-
-    sys.exit(_guarded(go, args.debug))
 
 
 def _print_json(data: object) -> None:
@@ -103,13 +31,13 @@ def _cmd_prepare(cfg: Config, args) -> None:
 
 
 def _cmd_classifier(cfg: Config, args) -> None:
-    from ddpm.pipeline.evaluate import classifier_stage
+    from ddpm.pipeline.classifier import classifier_stage
 
     _print_json(classifier_stage(cfg, Layout.under(repo_root())))
 
 
 def _cmd_fid_stats(cfg: Config, args) -> None:
-    from ddpm.pipeline.evaluate import fid_stats_stage
+    from ddpm.pipeline.fid_stats import fid_stats_stage
 
     _print_json(fid_stats_stage(cfg, Layout.under(repo_root())))
 
@@ -243,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(params if params.is_absolute() else root / params)
         args.fn(cfg, args)
 
-    return _guarded(go, args.debug)
+    return guarded(go, args.debug)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """DVC stage `classifier`: data/prepared/ -> models/classifier.pt, metrics/classifier.json."""
 
-from ddpm.cli import run_stage
-from ddpm.pipeline.evaluate import classifier_stage
+from ddpm.pipeline.classifier import classifier_stage
+from ddpm.pipeline.entry import run_stage
 from ddpm.pipeline.layout import Layout
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: samples + classifier (+ FID statistics) -> metrics/eval.json, plots/guidance_sweep.tsv."""
 
-from ddpm.cli import run_stage
+from ddpm.pipeline.entry import run_stage
 from ddpm.pipeline.evaluate import evaluate_stage
 from ddpm.pipeline.layout import Layout
 

@@ -1,7 +1,7 @@
 """DVC stage `fid_stats`: data/prepared/ -> models/fid_stats.npz (Inception statistics of the training set)."""
 
-from ddpm.cli import run_stage
-from ddpm.pipeline.evaluate import fid_stats_stage
+from ddpm.pipeline.entry import run_stage
+from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """DVC stage `prepare`: params -> data/prepared/ (dataset.npz + meta.json)."""
 
-from ddpm.cli import run_stage
 from ddpm.data.datasets import prepare
+from ddpm.pipeline.entry import run_stage
 from ddpm.pipeline.layout import Layout
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """DVC stage `sample`: models/ema.pt -> samples/grid.png, samples/denoise.png, samples/samples.npz,
 samples/run.json."""
 
-from ddpm.cli import run_stage
+from ddpm.pipeline.entry import run_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 

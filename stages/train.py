@@ -1,7 +1,7 @@
 """DVC stage `train`: data/prepared/ -> models/ema.pt, models/run.json, metrics/train.json,
 plots/train_loss.tsv, samples/progress/. Also the torchrun entry point for multi-GPU training."""
 
-from ddpm.cli import run_stage
+from ddpm.pipeline.entry import run_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.train import train
 

@@ -253,7 +253,8 @@ def data_stages(tmp_path_factory):
     `copy_to(dest, cfg)` puts their outputs into `dest` for a test that trains on them with `cfg`, which must
     not change a param those stages read (it would need its own data stages)."""
     from ddpm.data.datasets import prepare
-    from ddpm.pipeline.evaluate import classifier_stage, fid_stats_stage
+    from ddpm.pipeline.classifier import classifier_stage
+    from ddpm.pipeline.fid_stats import fid_stats_stage
     from ddpm.pipeline.layout import Layout
 
     root = tmp_path_factory.mktemp("data-stages")

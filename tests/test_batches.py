@@ -6,7 +6,7 @@ import torch
 
 from ddpm.config import Config
 from ddpm.data.batches import DeviceBatches, LoaderBatches, epoch_order, make_batches, to_model_input
-from ddpm.data.datasets import PreparedData
+from ddpm.data.prepared import PreparedData
 from ddpm.errors import UserError
 
 

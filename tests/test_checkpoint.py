@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, safe loading, damaged files, crash-safe saving, architecture mismatch."""
+"""Checkpoints: round trip, safe loading, damaged files, crash-safe saving, architecture mismatch; the core's
+plain errors, and the workflows' UserError naming the fix."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ import torch
 from ddpm.config import Config, TrainingConfig
 from ddpm.core.checkpoint import (
     FORMAT_VERSION,
+    CheckpointError,
     config_from_checkpoint,
     load_checkpoint,
-    load_ema_model,
-    load_ema_unet,
     save_checkpoint,
 )
 from ddpm.core.ema import EMA
+from ddpm.core.restore import load_ema_model, load_ema_unet
 from ddpm.core.unet import build_unet
 from ddpm.errors import UserError
+from ddpm.pipeline.trained_model import load_model
 
 
 class Opaque:
@@ -97,10 +99,27 @@ def test_load_ema_model_builds_the_diffusion(tmp_path: Path, tiny_cfg: Config):
 def test_file_needing_code_is_refused(tmp_path: Path, tiny_cfg: Config, bad):
     path = tmp_path / "evil.pt"
     torch.save({**payload(tiny_cfg), "extra": bad}, path)  # plain torch.save: bypasses our checks
-    with pytest.raises(UserError, match="holds objects that are not plain tensors or data") as err:
+    with pytest.raises(CheckpointError, match="holds objects that are not plain tensors or data") as err:
         load_checkpoint(path)
-    assert str(path) in str(err.value) and "refused for safety" in str(err.value)
+    assert err.value.problem == "unsafe"
+    name = "builtins.print" if bad is print else f"{__name__}.Opaque"
+    assert str(path) in str(err.value) and "refused for safety" in str(err.value) and name in str(err.value)
     assert "corrupt" not in str(err.value)  # not a disk problem: the user must not go hunting for one
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["plain-pickle", "legacy-torch-format"])
+def test_a_pickle_that_is_not_a_torch_zip_is_refused_naming_the_code_it_needs(tmp_path: Path, legacy: bool):
+    """torch's own list of refused globals reads torch.save's zip files only; other pickles are named too."""
+    import pickle
+
+    path = tmp_path / "other.pt"
+    if legacy:
+        torch.save({"extra": Opaque()}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps({"ema": Opaque()}))
+    with pytest.raises(CheckpointError, match="refused for safety") as err:
+        load_checkpoint(path)
+    assert f"{__name__}.Opaque" in str(err.value) and err.value.problem == "unsafe"
 
 
 def test_save_refuses_entries_that_could_not_be_loaded_back(tmp_path: Path, tiny_cfg: Config):
@@ -122,20 +141,22 @@ def test_damaged_file_is_a_user_error_naming_it(tmp_path: Path, tiny_cfg: Config
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00junk" * 100,
                       "junk4": b"junk", "bytes4": b"\x01\x02\x03\x04", "pickle-head": b"\x80\x02}q"}[damage])
-    with pytest.raises(UserError, match="truncated or corrupt") as err:
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
         load_checkpoint(path)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and err.value.problem == "corrupt"
 
 
 def test_missing_file_and_foreign_file(tmp_path: Path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="not a ddpm checkpoint"):
+    with pytest.raises(CheckpointError, match="not a ddpm checkpoint") as err:
         load_checkpoint(tmp_path / "other.pt")
+    assert err.value.problem == "foreign"
     torch.save({"format_version": 99, "config": {}, "step": 0, "ema": {}}, tmp_path / "future.pt")
-    with pytest.raises(UserError, match="format_version 99"):
+    with pytest.raises(CheckpointError, match="format_version 99") as err:
         load_checkpoint(tmp_path / "future.pt")
+    assert err.value.problem == "version"
 
 
 def test_crash_during_save_keeps_previous_file(tmp_path: Path, tiny_cfg: Config, monkeypatch):
@@ -157,14 +178,46 @@ def test_crash_during_save_keeps_previous_file(tmp_path: Path, tiny_cfg: Config,
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_architecture_mismatch_is_a_user_error(tmp_path: Path, tiny_cfg: Config):
+def test_architecture_mismatch_is_a_checkpoint_error(tmp_path: Path, tiny_cfg: Config):
     wider = Config.from_dict({**tiny_cfg.to_dict(), "model": {**tiny_cfg.to_dict()["model"], "channels": 32}})
     data = payload(wider)
     data["config"] = tiny_cfg.training_dict()  # weights of a 32-channel net under a 16-channel config
     save_checkpoint(tmp_path / "ema.pt", data)
-    with pytest.raises(UserError, match="another model config") as err:
+    with pytest.raises(CheckpointError, match="another model config") as err:
         load_ema_unet(tmp_path / "ema.pt")
-    assert str(tmp_path / "ema.pt") in str(err.value)
+    assert str(tmp_path / "ema.pt") in str(err.value) and err.value.problem == "mismatch"
+
+
+def _damaged(path: Path, tiny_cfg: Config, kind: str) -> Path:
+    """A checkpoint file with the given problem (or none: "missing")."""
+    if kind == "corrupt":
+        save_checkpoint(path, payload(tiny_cfg))
+        path.write_bytes(path.read_bytes()[:100])
+    elif kind == "unsafe":
+        torch.save({**payload(tiny_cfg), "extra": Opaque()}, path)
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif kind == "version":
+        torch.save({**payload(tiny_cfg), "format_version": 99}, path)
+    elif kind == "mismatch":
+        data = payload(tiny_cfg)
+        data["config"]["model"]["channels"] = 32
+        save_checkpoint(path, data)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "fix"), [
+    ("missing", "run the train stage first"), ("corrupt", "delete it and retrain"),
+    ("unsafe", "delete it and retrain"), ("foreign", "pass a file written by train"),
+    ("version", "use the code version that wrote it"), ("mismatch", "retrain it with the current code"),
+])
+def test_the_workflow_reports_an_unusable_checkpoint_as_a_user_error_with_the_fix(tmp_path, tiny_cfg, kind, fix):
+    """The core states the facts (a plain error); the sample/evaluate workflows add what to do about them."""
+    path = _damaged(tmp_path / "ema.pt", tiny_cfg, kind)
+    with pytest.raises(UserError) as err:
+        load_model(path, tiny_cfg)
+    message = str(err.value)
+    assert str(path) in message and fix in message and "\n" not in message
 
 
 def test_a_checkpoint_carries_the_training_sections_only(tmp_path: Path, tiny_cfg: Config):
@@ -182,5 +235,5 @@ def test_stored_config_is_revalidated(tmp_path: Path, tiny_cfg: Config):
     data = payload(tiny_cfg)
     data["config"]["model"]["channels"] = 3  # fails validation (below the minimum)
     save_checkpoint(tmp_path / "ema.pt", data)
-    with pytest.raises(UserError, match="model.channels"):
+    with pytest.raises(UserError, match="model.channels"):  # a ConfigError: it names the config key
         load_ema_unet(tmp_path / "ema.pt")

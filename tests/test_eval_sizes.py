@@ -11,19 +11,14 @@ import yaml
 from conftest import make_overrides, tiny_params
 
 import ddpm.pipeline.sample as sample_mod
+import ddpm.pipeline.trained_model as trained_model_mod
 from ddpm.config import Config, load_config
 from ddpm.data.datasets import prepare
 from ddpm.evaluation.classifier import Classifier, extract_features
 from ddpm.evaluation.metrics import precision_recall
-from ddpm.pipeline.evaluate import (
-    classifier_stage,
-    count_tag,
-    equal_size,
-    evaluate_stage,
-    fid_stats_stage,
-    offline_metrics,
-    sweep_metric_names,
-)
+from ddpm.pipeline.classifier import classifier_stage
+from ddpm.pipeline.evaluate import count_tag, equal_size, evaluate_stage, offline_metrics, sweep_metric_names
+from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
@@ -102,7 +97,8 @@ def test_evaluation_sampling_uses_sample_precision_not_train_precision(tmp_path,
         seen.append(kwargs["precision"])
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sample_mod, "generate", spy)
+    monkeypatch.setattr(sample_mod, "generate", spy)  # the grid and the denoising picture
+    monkeypatch.setattr(trained_model_mod, "generate", spy)  # the evaluation set, and the sweep's sets
     meta = sample_stage(cfg, paths)
     evaluate_stage(cfg, paths)  # the guidance sweep samples too
     assert meta["precision"] == "fp32" and len(seen) == 3 + 2 and set(seen) == {"fp32"}

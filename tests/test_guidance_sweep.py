@@ -9,7 +9,9 @@ from conftest import tiny_params
 
 from ddpm.config import Config, ConfigError
 from ddpm.data.datasets import prepare
-from ddpm.pipeline.evaluate import classifier_stage, evaluate_stage, fid_stats_stage
+from ddpm.pipeline.classifier import classifier_stage
+from ddpm.pipeline.evaluate import evaluate_stage
+from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train

@@ -1,8 +1,12 @@
 """The folder tree is the architecture: imports point one way, from the pipeline down to the core.
 
-    cli / stages  ->  pipeline  ->  tracking, data, evaluation  ->  core  ->  config, errors
+    cli / stages  ->  pipeline  ->  tracking, data, evaluation  ->  core  ->  config
+                                                                errors (not from core)
 
-Any import (top-level or inside a function) of a higher layer from a lower one fails this test.
+Any import (top-level or inside a function) of a higher layer from a lower one fails this test. The core
+raises plain errors (ValueError, FileNotFoundError, its own exception classes) stating the facts; the
+workflows above it turn them into a `UserError` naming the param, flag or file to fix, so `ddpm.errors`
+(UserError, Interrupted) is not the core's to import. No module is over MAX_LINES lines.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
 
 # For each subpackage, the ddpm modules it must never import.
 FORBIDDEN = {
-    "core": ("ddpm.data", "ddpm.evaluation", "ddpm.tracking", "ddpm.pipeline", "ddpm.cli"),
+    "core": ("ddpm.data", "ddpm.evaluation", "ddpm.tracking", "ddpm.pipeline", "ddpm.cli", "ddpm.errors"),
     "data": ("ddpm.evaluation", "ddpm.tracking", "ddpm.pipeline", "ddpm.cli"),
     "evaluation": ("ddpm.tracking", "ddpm.pipeline", "ddpm.cli"),
     "tracking": ("ddpm.pipeline", "ddpm.cli"),
     "pipeline": ("ddpm.cli",),
 }
-BOTTOM = ("config.py", "errors.py")  # imported by every layer; import no other ddpm module
+BOTTOM = ("config.py", "errors.py")  # import no other ddpm module
+MAX_LINES = 400
 
 
 def _imports(path: Path) -> list[str]:
@@ -73,3 +78,16 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "probe.py"
     bad.write_text("import torch\n\ndef f():\n    from ddpm.pipeline.train import train\n    return train\n")
     assert _violations([bad], FORBIDDEN["core"]) == ["probe.py imports ddpm.pipeline.train"]
+
+
+def test_the_checker_sees_the_core_raising_the_pipelines_error(tmp_path):
+    bad = tmp_path / "probe.py"
+    bad.write_text("from ddpm.errors import UserError\n\n\ndef f():\n    raise UserError('run dvc repro')\n")
+    assert _violations([bad], FORBIDDEN["core"]) == ["probe.py imports ddpm.errors"]
+
+
+def test_no_module_is_over_the_line_limit():
+    """Short modules, each named for what it holds: a file past the limit holds more than one thing."""
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "stages").glob("*.py"))
+    long = {str(f.relative_to(PACKAGE.parent)): n for f in files if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

@@ -82,25 +82,12 @@ class AttentionBlock(nn.Module):
         b, c, hgt, wid = x.shape
         heads, d = self.num_heads, c // self.num_heads
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.flatten(2).transpose(1, 2)  # (B, HW, 3C): a free view, channels contiguous if channels_last
-        if not torch.is_grad_enabled() and not qkv.is_contiguous():
-            # Sampling an NCHW network: SDPA's fused CPU kernel needs a unit stride along the head dimension,
-            # else it falls back to the unfused math path (bmm, softmax, masking passes). One copy here is
-            # 1.3x faster per attention block at sampling sizes. Training keeps the math path: its backward
-            # measured faster at the quickstart's small attention (8x8, 64 channels) and training's bits stay.
-            qkv = qkv.contiguous()  # (B, HW, 3C)
+        qkv = qkv.flatten(2).transpose(1, 2)  # (B, HW, 3C)
         q, k, v = qkv.reshape(b, hgt * wid, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d), softmax(q k^T / sqrt(d)) v
         out = out.transpose(1, 2).reshape(b, hgt * wid, c)  # (B, HW, C)
         out = out.transpose(1, 2).reshape(b, c, hgt, wid)  # (B, C, H, W)
-        # Not in place: for an NCHW input the 1x1 conv runs channels_last on the view above. The sum takes
-        # the memory format of its first operand. Training (x first) returns to x's format, so its bits stay.
-        # Sampling on the CPU keeps channels_last from here on: oneDNN's channels_last 3x3 convolutions that
-        # follow are faster (guided sampling of the reference network, NCHW: 1.06x on AVX-512, 1.045x with
-        # AVX2 kernels, measured A/B; diffusers' NCHW network gets the same effect from its linear layers).
-        if not torch.is_grad_enabled() and x.device.type == "cpu":
-            return self.proj(out) + x  # (B, C, H, W), channels_last strides
-        return x + self.proj(out)  # (B, C, H, W), x's memory format
+        return x + self.proj(out)  # (B, C, H, W)
 
 
 class Downsample(nn.Module):

@@ -29,7 +29,7 @@ from ddpm.errors import UserError
 
 if TYPE_CHECKING:  # imported for annotations only: keeps this module free of the data-preparation code
     from ddpm.config import Config
-    from ddpm.data.datasets import PreparedData
+    from ddpm.data.prepared import PreparedData
 
 
 def epoch_order(seed: int, epoch: int, n: int, hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:

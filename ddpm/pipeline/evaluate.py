@@ -1,6 +1,6 @@
-"""The evaluation workflows: the `classifier`, `fid_stats` and `evaluate` stages.
+"""The `evaluate` stage: the sample stage's images scored against the held-out data.
 
-Offline metrics use a small classifier trained on the prepared data (cached by DVC across diffusion
+Offline metrics use the small classifier of the `classifier` stage (cached by DVC across diffusion
 experiments): class accuracy of conditional samples, the Fréchet distance in its feature space and
 k-NN precision/recall. Standard FID/IS use torch-fidelity's InceptionV3 with the FID weights when
 `evaluate.fid` is on. The guidance sweep repeats the offline metrics for several guidance scales.
@@ -16,23 +16,10 @@ import torch
 from ddpm.config import Config
 from ddpm.core.generate import SamplerSettings
 from ddpm.core.runtime import configure_backends, configure_cpu_allocator
-from ddpm.data.datasets import load_prepared
+from ddpm.data.prepared import load_prepared
 from ddpm.errors import UserError
-from ddpm.evaluation.classifier import (
-    extract_features,
-    load_classifier,
-    predict,
-    save_classifier,
-    train_classifier,
-)
-from ddpm.evaluation.fid import (
-    InceptionFeatures,
-    fid_from_features,
-    inception_outputs,
-    inception_score,
-    load_stats,
-    save_stats,
-)
+from ddpm.evaluation.classifier import extract_features, load_classifier, predict
+from ddpm.evaluation.fid import InceptionFeatures, fid_from_features, inception_outputs, inception_score, load_stats
 from ddpm.evaluation.metrics import (
     class_accuracy,
     feature_statistics,
@@ -42,7 +29,8 @@ from ddpm.evaluation.metrics import (
 )
 from ddpm.pipeline.devices import resolve_device
 from ddpm.pipeline.layout import Layout
-from ddpm.pipeline.sample import check_steps, evaluation_set, load_model, load_samples, pipeline_tracker
+from ddpm.pipeline.run_files import load_samples, pipeline_tracker
+from ddpm.pipeline.trained_model import check_steps, evaluation_set, load_model
 from ddpm.tracking.files import write_metrics, write_tsv
 from ddpm.tracking.names import EVAL, SWEEP, grouped
 from ddpm.tracking.tracker import Tracker
@@ -51,41 +39,6 @@ SWEEP_COLUMNS = ["guidance_scale", "guidance_interval_lo", "guidance_interval_hi
                  "fd_classifier", "precision", "recall", "pixel_mean_rel_error", "pixel_std_rel_error", "fid",
                  "fid_samples"]
 EMPTY_SWEEP_COLUMNS = ["guidance_scale", "samples", "class_accuracy", "fd_classifier", "precision", "recall"]
-
-
-def classifier_stage(cfg: Config, paths: Layout) -> dict:
-    """Train the evaluation classifier on the training split; report its held-out accuracy."""
-    data = load_prepared(paths.prepared)
-    device = resolve_device(cfg.train.device)
-    model, acc, per_class = train_classifier(
-        data.train_images, data.train_labels, data.eval_images, data.eval_labels,
-        cfg.evaluate.classifier, device, cfg.seed, hflip=cfg.data.hflip,
-    )
-    metrics = {"accuracy": acc, "per_class": dict(zip(data.class_names, per_class, strict=True)),
-               "num_eval": int(len(data.eval_labels))}
-    save_classifier(paths.classifier, model, {"class_names": list(data.class_names), "accuracy": acc,
-                                              "data_hash": data.content_hash})
-    write_metrics(paths.classifier_metrics, metrics)
-    return metrics
-
-
-def fid_stats_stage(cfg: Config, paths: Layout) -> dict:
-    """Inception pool statistics of the whole training split (computed once; a DVC output).
-
-    With `evaluate.fid: false` the file records that FID is disabled, so the pipeline's shape does not
-    depend on the flag and no weights are needed.
-    """
-    if not cfg.evaluate.fid:
-        save_stats(paths.fid_stats, None, None)
-        return {"fid": "disabled (evaluate.fid: false)"}
-    data = load_prepared(paths.prepared)
-    device = resolve_device(cfg.train.device)
-    extractor = InceptionFeatures(cfg.evaluate.inception_weights, device,
-                                  allow_download=cfg.evaluate.download_inception)
-    feats, _ = inception_outputs(extractor, data.train_images, batch_size=200)
-    mu, sigma = feature_statistics(feats)
-    save_stats(paths.fid_stats, mu, sigma)
-    return {"fid_reference_images": int(len(feats))}
 
 
 def count_tag(n: int) -> str:

@@ -31,8 +31,7 @@ from typing import Any
 
 from ddpm.config import Config
 from ddpm.core.atomic import write_text
-from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
-from ddpm.errors import UserError
+from ddpm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.tracking.store import store_root
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class ResumeStore:
                 continue
             try:
                 return load_checkpoint(path, map_location=map_location)
-            except UserError as err:
+            except CheckpointError as err:
                 log.warning("%s; trying an older checkpoint", err)
         return None
 

@@ -6,62 +6,28 @@ writes the class grid, the denoising-progression picture and the evaluation set.
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 
-from ddpm.config import Config, SampleConfig, TrainingConfig
-from ddpm.core.atomic import atomic_path
-from ddpm.core.checkpoint import load_checkpoint, load_ema_model
-from ddpm.core.generate import SamplerSettings, balanced_labels, generate, network_evaluations
+from ddpm.config import Config, SampleConfig
+from ddpm.core.generate import SamplerSettings, generate, network_evaluations
 from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import configure_backends, configure_cpu_allocator
-from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
-from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout
-from ddpm.tracking.files import read_run_id, write_run_id
+from ddpm.pipeline.run_files import pipeline_tracker, save_samples
+from ddpm.pipeline.trained_model import LoadedModel, check_steps, evaluation_set, load_model
+from ddpm.tracking.files import write_run_id
 from ddpm.tracking.names import SAMPLES
 from ddpm.tracking.tracker import Tracker
 
 # the sample command's flags, by the SampleConfig field each one overrides
 SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance",
                 "spacing": "--spacing"}
-
-
-@dataclass
-class LoadedModel:
-    """An EMA model rebuilt from a checkpoint, with what sampling needs to know about it."""
-
-    config: TrainingConfig  # the training config stored in the checkpoint
-    model: torch.nn.Module
-    diffusion: torch.nn.Module
-    class_names: list[str]
-    device: torch.device
-    step: int  # training steps behind these weights
-
-
-def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> LoadedModel:
-    """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params), checking
-    that the device supports the sampling `precision` (default `sample.precision`).
-
-    Run under `configure_backends`, which the workflow calls first (it sets process-wide torch flags).
-    """
-    device = resolve_device(cfg.train.device)
-    check_precision(precision or cfg.sample.precision, device)
-    ckpt = load_checkpoint(checkpoint)
-    train_cfg, model, diffusion = load_ema_model(checkpoint, device, ckpt=ckpt)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sample.compile:
-        model = torch.compile(model)
-    names = ckpt.get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
-    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device, int(ckpt["step"]))
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
@@ -103,41 +69,6 @@ def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, see
     columns = [inter[t] for t in record] + [images]  # each (K, C, H, W)
     stacked = torch.stack(columns, dim=1).flatten(0, 1)  # (K * frames, C, H, W), row = one seed
     return viewable(grid_hwc(stacked, nrow=len(columns)))
-
-
-def evaluation_set(lm: LoadedModel, settings: SamplerSettings, num: int, seed: int, batch_size: int,
-                   precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` class-balanced conditional samples: uint8 images (N, C, H, W) and their labels (N,); an
-    unconditional model's samples have label -1 (no class)."""
-    k = lm.config.model.num_classes
-    labels = balanced_labels(num, k) if k else None
-    images, _ = generate(lm.model, lm.diffusion, labels, settings, num=num, device=lm.device, seed=seed,
-                         batch_size=batch_size, precision=precision)
-    return images, labels if labels is not None else torch.full((num,), -1)
-
-
-def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
-    """The evaluation set as one compact .npz (uint8 images, int64 labels, JSON metadata)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=images.numpy(), labels=labels.numpy(), meta=json.dumps(meta))
-
-
-def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Read what `save_samples` wrote."""
-    if not Path(path).exists():
-        raise UserError(f"{path} not found; run the sample stage first (dvc repro sample)")
-    with np.load(path, allow_pickle=False) as z:
-        return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), json.loads(str(z["meta"]))
-
-
-def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path) -> Tracker:
-    """The tracker of a sample or evaluate stage, to be entered before the work starts: the MLflow run that
-    `run_info` names (re-opened, or a new child of the training run when these params are not the ones it
-    logged), or a tracker that logs nothing when the pipeline has no MLflow run."""
-    run_id = read_run_id(run_info)
-    if not run_id:
-        return Tracker()
-    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
 
 
 def sample_stage(cfg: Config, paths: Layout) -> dict:
@@ -213,12 +144,3 @@ def _with_flags(sc: SampleConfig, args) -> SampleConfig:
     except ValidationError as err:
         e = err.errors()[0]
         raise UserError(f"{SAMPLE_FLAGS[e['loc'][0]]}: {e['msg']} (got {e['input']!r})") from None
-
-
-def check_steps(lm: LoadedModel, steps: int, name: str) -> None:
-    """The sampler's own check of `steps` against the model's diffusion, as a UserError naming `name`
-    (the param or flag the value came from)."""
-    try:
-        respaced_timesteps(lm.diffusion.num_timesteps, steps)
-    except ValueError as err:
-        raise UserError(f"{err}; fix {name}") from None

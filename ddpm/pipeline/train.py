@@ -38,7 +38,7 @@ from ddpm.core.seeding import rng_state, seed_everything, set_rng_state
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
-from ddpm.data.datasets import PreparedData, check_class_count, load_prepared
+from ddpm.data.prepared import PreparedData, check_class_count, load_prepared
 from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
 from ddpm.pipeline.layout import Layout

@@ -28,8 +28,9 @@ import pandas as pd
 import torch
 
 from ddpm.config import Config
-from ddpm.core.checkpoint import load_checkpoint, load_ema_model
+from ddpm.core.checkpoint import load_checkpoint
 from ddpm.core.generate import SamplerSettings, generate
+from ddpm.core.restore import load_ema_model
 from ddpm.core.runtime import resolve_device
 
 CLASS_COLUMN = "class"
