@@ -17,6 +17,7 @@ import time
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import tiny_params
@@ -24,6 +25,8 @@ from conftest import tiny_params
 from ddpm.config import Config
 from ddpm.data.datasets import prepare
 from ddpm.errors import Interrupted
+from ddpm.evaluation import metrics
+from ddpm.evaluation.metrics import feature_statistics, frechet_distance
 from ddpm.pipeline.evaluate import classifier_stage, fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
@@ -201,7 +204,44 @@ def test_sigterm_checkpoints_training_and_marks_its_run_killed(repo, procs):
     assert list((repo / ".resume").glob("*/last.pt"))  # the checkpoint a rerun resumes from
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_classifier_stage_and_leaves_its_outputs(repo, procs):
+    """A stage without an MLflow run: the CLI's guard turns SIGTERM into exit 143, and the classifier and its
+    metrics on disk are the previous ones."""
+    _write(repo, _params(evaluate={**tiny_params()["evaluate"], "classifier": {"epochs": 100000, "width": 8,
+                                                                               "batch_size": 32}}))
+    before = _outputs(repo)
+    stage = _Stage(procs, repo, "classifier")
+    stage.wait_for("classifier: 100000 epochs")
+    assert stage.stop(signal.SIGTERM) <= STOP_WITHIN_S
+    after = _outputs(repo)
+    assert after == before
+
+
 # --------------------------------------------------------------------------------- in-process
+
+
+@pytest.mark.slow  # the abandoned worker computes on for up to a minute on a loaded machine
+def test_a_stop_signal_is_handled_while_the_fid_linear_algebra_runs(monkeypatch):
+    """Tr (S1 S2)^½ of 2048-dimensional covariances (FID's size) runs in a worker thread: the signal raises
+    `Interrupted` here while that computation is still going, not after it."""
+    done = threading.Event()
+    real = metrics._trace_sqrt_product
+    monkeypatch.setattr(metrics, "_trace_sqrt_product", lambda s1, s2: (real(s1, s2), done.set())[0])
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((2100, 2048))  # (N, D)
+    mu, sigma = feature_statistics(feats)
+
+    def signal_once_computing() -> None:
+        while not any(t.name.startswith("interruptible-") for t in threading.enumerate()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_computing, daemon=True).start()
+    with pytest.raises(Interrupted), StopSignals("test"):
+        frechet_distance(mu, sigma, mu + 1.0, sigma)
+    # (not `Thread.is_alive()`: a join interrupted by an exception marks the thread stopped, bpo-45274)
+    assert not done.is_set()
 
 
 def test_an_interrupted_dropped_inside_a_finalizer_is_raised_again(monkeypatch):

@@ -58,6 +58,7 @@ def classifier_stage(cfg: Config, paths: Layout) -> dict:
     """Train the evaluation classifier on the training split; report its held-out accuracy."""
     data = load_prepared(paths.prepared)
     device = resolve_device(cfg.train.device)
+    log.info("classifier: %d epochs on %d images", cfg.evaluate.classifier.epochs, len(data.train_labels))
     model, acc, per_class = train_classifier(
         data.train_images, data.train_labels, data.eval_images, data.eval_labels,
         cfg.evaluate.classifier, device, cfg.seed, hflip=cfg.data.hflip,
