@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import re
@@ -257,9 +256,9 @@ def test_an_interrupted_dropped_inside_a_finalizer_is_raised_again(monkeypatch):
     thing = Thing()
     weakref.finalize(thing, os.kill, os.getpid(), signal.SIGTERM)  # the handler runs inside the finalizer
     with pytest.raises(Interrupted) as caught, StopSignals("test"):
-        del thing
-        gc.collect()
-        assert [type(u.exc_value) for u in unraisable] == [Interrupted]  # the first raise was lost
+        del thing  # the last reference: the finalizer runs now
+        # the first raise was lost (a later one may be too, if it lands in another finalizer)
+        assert unraisable and all(isinstance(u.exc_value, Interrupted) for u in unraisable)
         deadline = time.monotonic() + 60 * REDELIVER_S
         while time.monotonic() < deadline:  # ordinary work: the timer's second raise lands here
             sum(range(1000))
