@@ -1,7 +1,5 @@
 """`python -m ddpm ...` (see ddpm/cli.py)."""
 
-import sys
+from ddpm.cli import exit_process, main
 
-from ddpm.cli import main
-
-sys.exit(main())
+exit_process(main())

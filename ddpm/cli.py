@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import get_args
 
 from ddpm.config import CompileMode, Config, EvaluateConfig, load_config
 from ddpm.errors import UserError
-from ddpm.pipeline.entry import configure_logging, guarded, repo_root
+from ddpm.pipeline.entry import configure_logging, exit_process, guarded, repo_root
 from ddpm.pipeline.layout import Layout
 
 
@@ -175,4 +174,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

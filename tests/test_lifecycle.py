@@ -1,5 +1,5 @@
 """How every stage ends its MLflow run: FINISHED on success, FAILED on an exception mid-stage, KILLED on
-SIGTERM (a real subprocess); and a training SIGKILLed before its first checkpoint leaves no orphan."""
+SIGTERM (tests/test_signals.py); and a training SIGKILLed before its first checkpoint leaves no orphan."""
 
 from __future__ import annotations
 
@@ -142,42 +142,6 @@ def _wait_running(repo: Path, proc: subprocess.Popen, metric: str | None = None,
 
 def _write(repo: Path, params: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(Config.from_dict(params).to_dict(), sort_keys=False))
-
-
-@pytest.mark.slow
-def test_sigterm_marks_the_run_killed_in_train_sample_and_evaluate(pipeline):
-    repo, cfg = pipeline
-    client = _client(repo)
-    # train: long enough to be stopped mid-loop; SIGTERM checkpoints and ends the run KILLED
-    _write(repo, _params(train={**tiny_params()["train"], "steps": 5000, "checkpoint_every": 1000}))
-    proc = _start(repo, "train")
-    run = _wait_running(repo, proc, metric="train/loss")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "interrupted by SIGTERM" in proc.stderr.read()
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
-
-    _write(repo, _params())
-    train(cfg, Layout.under(repo))  # a short training for the sample and evaluate stages below
-    # sample: a large evaluation set keeps it busy; its run (a child: other sample params) ends KILLED
-    _write(repo, _params(sample={**tiny_params()["sample"], "num_samples": 20000, "batch_size": 500}))
-    proc = _start(repo, "sample")
-    run = _wait_running(repo, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
-
-    _write(repo, _params())
-    sample_stage(cfg, Layout.under(repo))
-    # evaluate: a long guidance sweep keeps it busy
-    _write(repo, _params(evaluate={**tiny_params()["evaluate"], "guidance_sweep": [0.0, 1.0, 2.0, 3.0, 4.0],
-                                   "sweep_samples": 20000}))
-    proc = _start(repo, "evaluate")
-    run = _wait_running(repo, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
-    assert not [r for r in _runs(repo) if r.info.status == "RUNNING"]
 
 
 @pytest.mark.slow

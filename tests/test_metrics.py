@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from ddpm.errors import UserError
@@ -18,13 +19,14 @@ def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
 
 
 def _reference_fd(mu1, s1, mu2, s2) -> float:
-    """Independent float64 reference: Tr (S1 S2)^½ = Σ √eig(S1^½ S2 S1^½), a symmetric PSD problem."""
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    """pytorch-fid's computation as an independent reference: scipy's sqrtm of the product, with 1e-6·I added to
+    both covariances when it is not finite, and the real part of its trace."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(mu1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
 
 
 def test_fd_diagonal_closed_form():

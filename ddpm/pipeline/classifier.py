@@ -3,6 +3,8 @@ across diffusion experiments, since it depends on the data only)."""
 
 from __future__ import annotations
 
+import logging
+
 from ddpm.config import Config
 from ddpm.data.prepared import load_prepared
 from ddpm.evaluation.classifier import save_classifier, train_classifier
@@ -10,11 +12,14 @@ from ddpm.pipeline.devices import resolve_device
 from ddpm.pipeline.layout import Layout
 from ddpm.tracking.files import write_metrics
 
+log = logging.getLogger(__name__)
+
 
 def classifier_stage(cfg: Config, paths: Layout) -> dict:
     """Train the evaluation classifier on the training split; report its held-out accuracy."""
     data = load_prepared(paths.prepared)
     device = resolve_device(cfg.train.device)
+    log.info("classifier: %d epochs on %d images", cfg.evaluate.classifier.epochs, len(data.train_labels))
     model, acc, per_class = train_classifier(
         data.train_images, data.train_labels, data.eval_images, data.eval_labels,
         cfg.evaluate.classifier, device, cfg.seed, hflip=cfg.data.hflip,

@@ -8,6 +8,7 @@ k-NN precision/recall. Standard FID/IS use torch-fidelity's InceptionV3 with the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from ddpm.pipeline.trained_model import check_steps, evaluation_set, load_model
 from ddpm.tracking.files import write_metrics, write_tsv
 from ddpm.tracking.names import EVAL, SWEEP, grouped
 from ddpm.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = ["guidance_scale", "guidance_interval_lo", "guidance_interval_hi", "samples", "class_accuracy",
                  "fd_classifier", "precision", "recall", "pixel_mean_rel_error", "pixel_std_rel_error", "fid",
@@ -113,6 +116,7 @@ def evaluate_stage(cfg: Config, paths: Layout, sweep: list[float] | None = None)
     classifier = load_classifier(paths.classifier, resolve_device(cfg.train.device))
     images, labels, meta = load_samples(paths.samples)
     with pipeline_tracker(cfg, paths, paths.sample_run) as tracker:
+        log.info("evaluate: scoring %d samples", len(images))
         metrics, rows = _evaluate(cfg, paths, data, classifier, images, labels, meta, sweep)
         write_metrics(paths.eval_metrics, metrics)
         _write_sweep(paths.sweep, rows)
@@ -177,10 +181,13 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
     rows = []
     # evaluate.guidance_interval_sweep: every scale on every interval, the rows naming it (None: everywhere)
     intervals = cfg.evaluate.guidance_interval_sweep or (...,)  # ...: the sample section's own interval
-    for w, interval in ((w, i) for w in scales for i in intervals):
+    points = [(w, i) for w in scales for i in intervals]
+    for n, (w, interval) in enumerate(points, 1):
         settings = SamplerSettings.from_config(cfg.sample, guidance_scale=w, guidance_interval=interval)
+        log.info("guidance sweep %d/%d: sampling %d images at scale %g", n, len(points), cfg.evaluate.sweep_samples, w)
         images, labels = evaluation_set(lm, settings, cfg.evaluate.sweep_samples, cfg.seed + 2,
                                         cfg.sample.batch_size, cfg.sample.precision)
+        log.info("guidance sweep %d/%d: scoring them", n, len(points))
         m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k, cfg.seed)
         tag = count_tag(m["num_compared"])
         row = {"guidance_scale": w, "samples": m["num_compared"], "class_accuracy": m["class_accuracy"],

@@ -6,6 +6,7 @@ writes the class grid, the denoising-progression picture and the evaluation set.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from ddpm.pipeline.trained_model import LoadedModel, check_steps, evaluation_set
 from ddpm.tracking.files import write_run_id
 from ddpm.tracking.names import SAMPLES
 from ddpm.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
 
 # the sample command's flags, by the SampleConfig field each one overrides
 SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance",
@@ -92,8 +95,10 @@ def _sample(cfg: Config, paths: Layout, lm: LoadedModel, tracker: Tracker) -> di
     settings = SamplerSettings.from_config(sc)
     check_steps(lm, settings.steps, "sample.steps")
     classes = list(range(max(lm.config.model.num_classes, 1)))
+    log.info("sample: class grid and denoising picture")
     grid = class_grid(lm, settings, classes, sc.grid_per_class, cfg.seed, sc.batch_size, precision)
     denoise = denoise_picture(lm, settings, sc.denoise_frames, cfg.seed, precision)
+    log.info("sample: evaluation set of %d images", sc.num_samples)
     images, labels = evaluation_set(lm, settings, sc.num_samples, cfg.seed + 1, sc.batch_size, precision)
     with warnings.catch_warnings():  # sampling itself already warned if log-SNR steps collapsed
         warnings.simplefilter("ignore")

@@ -3,7 +3,7 @@
 Workflows (train, sample, evaluate) hold a `Tracker` and call `log_metrics` / `log_image` /
 `log_final`; the tracker fans each call out to MLflow (sqlite store) and TensorBoard. The train
 stage creates the MLflow run; sample and evaluate re-open it by id, so one run holds the whole
-pipeline (or derive a child run when their params differ, see `ddpm.tracking.lineage`).
+pipeline (or derive a child run when their params differ, see `ddpm.tracking.opening`).
 
 MLflow and TensorBoard are imported lazily inside the functions that need them: importing them
 costs seconds, and a run with tracking disabled must not touch them at all.
@@ -12,11 +12,7 @@ costs seconds, and a run with tracking disabled must not touch them at all.
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import signal
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ddpm.config import Config, flatten
 from ddpm.errors import Interrupted, UserError
+from ddpm.tracking.lineage import FINAL_KEYS_TAG, default_run_name, dvc_tags, git_tags
+from ddpm.tracking.opening import HOST_RUN_ENV, open_run, set_tags
+from ddpm.tracking.signals import StopSignals
+from ddpm.tracking.store import retrying, store_root
+from ddpm.tracking.tensorboard import TB_DIR_TAG, log_final_hparams, open_writer, run_dir_name, tb_hparams
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -31,39 +32,15 @@ if TYPE_CHECKING:
     from mlflow.utils.async_logging.run_operations import RunOperations
     from torch.utils.tensorboard import SummaryWriter
 
-
-from ddpm.tracking.lineage import (
-    FINAL_KEYS_TAG,
-    TRAIN_RUN_TAG,
-    changed_params,
-    default_run_name,
-    dvc_tags,
-    final_keys,
-    git_tags,
-    param_overrides,
-    param_text,
-    source_tags,
-    train_run_id,
-)
-from ddpm.tracking.names import TRAIN_FINAL
-from ddpm.tracking.store import (
-    mark_experiment_kind,
-    open_store,
-    retrying,
-    safe_name,
-    store_root,
-    tracking_uri,
-)
+__all__ = ["HOST_RUN_ENV", "RunStatus", "Tracker", "exit_status"]
 
 log = logging.getLogger(__name__)
 
 RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
 
-_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
-_METRICS_PER_BATCH = 1000  # ... and for metrics
+_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
 _MAX_PENDING = 32  # async metric batches in flight before we wait on them (bounds memory)
-HOST_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for its command: the run to log into
-_TB_DIR_TAG = "ddpm.tensorboard_dir"  # so a re-opened run writes into its own TensorBoard dir
+_KILLED_DETAIL = "the MLflow run is marked KILLED; run the stage again"
 
 
 def exit_status(exc_type: type[BaseException] | None) -> RunStatus:
@@ -75,26 +52,14 @@ def exit_status(exc_type: type[BaseException] | None) -> RunStatus:
     return "FAILED"
 
 
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum, "the MLflow run is marked KILLED; run the stage again")
-
-
-def _tb_hparams(params: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
-    """TensorBoard accepts only scalars and strings as hyperparameters: lists and None become text."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# The tracker
-# --------------------------------------------------------------------------------------------
-
-
 class Tracker:
     """One pipeline run in MLflow + TensorBoard. Build it with `Tracker.start`, use it as a context manager.
 
     The one way a stage ends its run: `with Tracker.start(...) as tracker:` opened before the work, it
     finishes with FINISHED on success, KILLED on an interruption (SIGINT/SIGTERM, which raise
-    `Interrupted` from `start` until the run ends, or KeyboardInterrupt/SystemExit) and FAILED on any other exception.
+    `Interrupted` from `start` until the run ends, see `ddpm.tracking.signals`, or KeyboardInterrupt/SystemExit)
+    and FAILED on any other exception. A stop signal that arrives while the run is being ended is not lost:
+    the run ends KILLED and `Interrupted` is raised once it has.
     `Tracker()` is a tracker that logs nothing (a stage whose pipeline run has no MLflow run).
     """
 
@@ -112,7 +77,7 @@ class Tracker:
         self._final: dict[str, float] = {}
         self._last_step = 0
         self._finished = False
-        self._old_handlers: dict[int, Any] = {}
+        self._signals = StopSignals(_KILLED_DETAIL)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -138,18 +103,18 @@ class Tracker:
         results must not overwrite the other experiment's, so a NEW run is made: the current params, a
         child of the training run (`mlflow.parentRunId`, tag `ddpm.train_run_id`), starting with a copy
         of the training's final metrics. Without it (train resuming), the run is re-opened and the
-        differing values are recorded as `param_override.*` tags.
+        differing values are recorded as `param_override.*` tags. See `ddpm.tracking.opening.open_run`.
         """
         self = cls()
-        repo_root = Path(repo_root)
-        params = flatten(cfg.to_dict())
-        self._hparams = _tb_hparams(params)
-        self.run_name = default_run_name(cfg, run_name)
-        all_tags = {**git_tags(repo_root), **dvc_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
-        if resume_step is not None:
-            self._last_step = resume_step
-        self._catch_signals()  # before the run exists: a SIGTERM from now on ends it KILLED, never RUNNING
+        self._signals.__enter__()  # before the run exists: a SIGTERM from now on ends it KILLED, never RUNNING
         try:
+            repo_root = Path(repo_root)
+            params = flatten(cfg.to_dict())
+            self._hparams = tb_hparams(params)
+            self.run_name = default_run_name(cfg, run_name)
+            all_tags = {**git_tags(repo_root), **dvc_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+            if resume_step is not None:
+                self._last_step = resume_step
             if cfg.tracking.mlflow:
                 self._start_mlflow(cfg, repo_root, run_id, params, all_tags, new_run_if_params_differ)
             if cfg.tracking.tensorboard:
@@ -163,126 +128,14 @@ class Tracker:
         self, cfg: Config, repo_root: Path, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
         new_run_if_params_differ: bool,
     ) -> None:
-        """Open the store, create, derive or re-open the run, log params (new runs) and tags.
-
-        Under `mlflow run` (which creates a run and passes its id in `MLFLOW_RUN_ID`) that run is used
-        instead of a new one, see `_host_run`.
-        """
-        self.tracking_uri = tracking_uri(repo_root)
-        self._client, _ = open_store(self.tracking_uri, None)
-        host = self._host_run()
-        if host is None:
-            self._client, self.experiment_id = open_store(self.tracking_uri, cfg.tracking.experiment)
-        source = self._find(run_id) if run_id else None
-        derive = source is not None and new_run_if_params_differ and bool(changed_params(source.data.params, params))
-        if host is not None and (source is None or source.info.run_id != host.info.run_id):
-            run = self._adopt(host, source)
-            self._log_params(params)
-            self._set_tags(tags)
-            if source is not None and new_run_if_params_differ:
-                self._copy_final_metrics(self._client.get_run(train_run_id(source)))
-        elif (run := None if source is None or derive else self._reopen(source)) is None:
-            parent = train_run_id(source) if derive else None
-            if parent:
-                tags = {**tags, "mlflow.parentRunId": parent, TRAIN_RUN_TAG: parent}
-            tags = {**source_tags(repo_root), **tags}
-            run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
-            self.run_id = run.info.run_id
-            self._log_params(params)
-            if parent:
-                self._copy_final_metrics(source if source.info.run_id == parent else self._client.get_run(parent))
-        else:
-            self.run_id = run.info.run_id
-            self.run_name = run.info.run_name or self.run_name
-            self._final = {k: run.data.metrics[k] for k in final_keys(run.data.tags) if k in run.data.metrics}
-            overrides = param_overrides(run.data.params, params)
-            self._set_tags({**tags, **overrides})
+        """The run `open_run` finds or makes, and MLflow's system metrics when on."""
+        opened = open_run(cfg, repo_root, self.run_name, run_id, params, tags, new_run_if_params_differ)
+        self._client, self.tracking_uri, self.experiment_id = opened.client, opened.tracking_uri, opened.experiment_id
+        self.run_id, self.run_name, self._final = opened.run_id, opened.run_name, opened.final
+        if opened.copied_finals:
+            self.log_final(opened.copied_finals)
         if cfg.tracking.system_metrics:
             self._start_system_metrics(resume=self.run_id == run_id)  # a re-opened run continues its steps
-
-    def _host_run(self) -> Any:
-        """The run `mlflow run` created for this command (`MLFLOW_RUN_ID`), or None.
-
-        Every pipeline run started under `mlflow run` logs into that run, in the experiment
-        `mlflow run --experiment-name` chose, rather than leaving it empty beside a run of its own.
-        """
-        from mlflow.exceptions import MlflowException
-
-        host_id = os.environ.get(HOST_RUN_ENV)
-        if not host_id:
-            return None
-        assert self._client is not None
-        try:
-            host = self._client.get_run(host_id)
-        except MlflowException:
-            raise UserError(
-                f"{HOST_RUN_ENV}={host_id} names no run in the MLflow store {self.tracking_uri}; point "
-                "MLFLOW_TRACKING_URI at the store `mlflow run` uses, or unset MLFLOW_RUN_ID"
-            ) from None
-        self.experiment_id = host.info.experiment_id
-        mark_experiment_kind(self._client, self._client.get_experiment(self.experiment_id))
-        return host
-
-    def _adopt(self, host: Any, source: Any) -> Any:
-        """Log into `host` (set RUNNING) what would have gone into a new or re-opened run.
-
-        `source`: the run the pipeline would have re-opened or derived from (sampling a cached training,
-        a resumed training); its training run is named in the `ddpm.train_run_id` tag, as a derived run does.
-        """
-        assert self._client is not None
-        self.run_id, self.run_name = host.info.run_id, host.info.run_name or self.run_name
-        if source is not None:
-            self._set_tags({TRAIN_RUN_TAG: train_run_id(source)})
-        return self._reopen(host)
-
-    def _find(self, run_id: str) -> Any:
-        """The run `run_id`, or None (with a warning) when the store lacks it."""
-        from mlflow.exceptions import MlflowException
-
-        assert self._client is not None
-        try:
-            return self._client.get_run(run_id)
-        except MlflowException:
-            log.warning(
-                "MLflow run %s is not in %s (deleted, or another store); starting a new run",
-                run_id,
-                self.tracking_uri,
-            )
-            return None
-
-    def _reopen(self, run: Any) -> Any:
-        """`run` set back to RUNNING."""
-        assert self._client is not None
-        self._client.update_run(run.info.run_id, status="RUNNING")
-        return run
-
-    def _copy_final_metrics(self, source: Any) -> None:
-        """The training's own final metrics (`train/final_*`) from its run `source` into this one.
-
-        Not the evaluation's: the training run also holds the results of the sampling params it was
-        created with, which are not this run's.
-        """
-        finals = {k: source.data.metrics[k] for k in final_keys(source.data.tags)
-                  if k.startswith(TRAIN_FINAL) and k in source.data.metrics}
-        if finals:
-            self.log_final(finals)
-
-    def _log_params(self, params: Mapping[str, Any]) -> None:
-        """Every flattened config value once, in batches of MLflow's limit."""
-        from mlflow.entities import Param
-
-        assert self._client is not None and self.run_id is not None
-        items = [Param(k, param_text(v)) for k, v in params.items()]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
-
-    def _set_tags(self, tags: Mapping[str, str]) -> None:
-        """Set (overwrite) run tags."""
-        from mlflow.entities import RunTag
-
-        assert self._client is not None and self.run_id is not None
-        if tags:
-            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _start_system_metrics(self, resume: bool) -> None:
         """MLflow's own background system metrics (CPU, memory, disk, network, GPU) under `system/`."""
@@ -301,41 +154,14 @@ class Tracker:
 
     def _start_tensorboard(self, root: Path, resume_step: int | None) -> None:
         """A SummaryWriter in logs/tensorboard/<run name>/ (the MLflow run's own dir when re-opened)."""
-        from torch.utils.tensorboard import SummaryWriter
-
         base = root / "logs" / "tensorboard"
-        name = self._tensorboard_name(base)
+        mlflow_run = self._client is not None and self.run_id is not None
+        recorded = self._client.get_run(self.run_id).data.tags.get(TB_DIR_TAG) if mlflow_run else None
+        name = run_dir_name(base, self.run_name, recorded, self.run_id)
         self.tensorboard_dir = base / name
-        # purge_step makes TensorBoard drop the crashed attempt's events after the checkpoint
-        purge = resume_step + 1 if resume_step is not None else None
-        self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge, flush_secs=30)
-        if self._client is not None and self.run_id is not None:
-            self._set_tags({_TB_DIR_TAG: name})
-
-    def _tensorboard_name(self, base: Path) -> str:
-        """The run's recorded TensorBoard dir; for a new run its name, made unique if already taken."""
-        if self._client is not None and self.run_id is not None:
-            recorded = self._client.get_run(self.run_id).data.tags.get(_TB_DIR_TAG)
-            if recorded:
-                return recorded
-        name = safe_name(self.run_name)
-        if (base / name).exists():  # a rerun under the same name must not mix its curves into the old run
-            suffix = self.run_id[:8] if self.run_id else datetime.datetime.now().strftime("%H%M%S%f")
-            name = f"{name}-{suffix}"
-        return name
-
-    def _catch_signals(self) -> None:
-        """Turn SIGINT/SIGTERM into `Interrupted` from `start` to `finish`, so the run ends KILLED, not RUNNING.
-
-        (Training installs its own handlers around its loop to checkpoint first; they raise `Interrupted` too.)
-        """
-        if threading.current_thread() is threading.main_thread():
-            self._old_handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _release_signals(self) -> None:
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._old_handlers = {}
+        self._writer = open_writer(self.tensorboard_dir, resume_step)
+        if mlflow_run:
+            set_tags(self._client, self.run_id, {TB_DIR_TAG: name})
 
     def __enter__(self) -> Tracker:
         return self
@@ -344,18 +170,30 @@ class Tracker:
         self.finish(exit_status(exc_type))
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
-        """Flush everything, end the MLflow run with `status` and close TensorBoard (idempotent)."""
+        """Flush everything, end the MLflow run with `status` and close TensorBoard (idempotent).
+
+        A stop signal during this cleanup does not cut it short: the run then ends KILLED, and a run that
+        was finishing raises `Interrupted` once it is closed.
+        """
         if self._finished:
             return
         self._finished = True
-        self._release_signals()
-        if self._system_monitor is not None:
-            self._system_monitor.finish()
-        self.flush()
-        if self._client is not None and self.run_id is not None:
-            retrying("set_terminated", self._client.set_terminated, self.run_id, status)
-        if self._writer is not None:
-            self._writer.close()
+        requested = status
+        try:
+            with self._signals.deferred():
+                if self._system_monitor is not None:
+                    self._system_monitor.finish()
+                self.flush()
+                if self._signals.received is not None:
+                    status = "KILLED"
+                if self._client is not None and self.run_id is not None:
+                    retrying("set_terminated", self._client.set_terminated, self.run_id, status)
+                if self._writer is not None:
+                    self._writer.close()
+        finally:
+            self._signals.release()
+        if self._signals.received is not None and requested == "FINISHED":  # else an exception is on its way
+            raise Interrupted(self._signals.received, _KILLED_DETAIL)
 
     def flush(self) -> None:
         """Wait for every queued MLflow write (retrying failed ones) and flush TensorBoard to disk."""
@@ -466,7 +304,7 @@ class Tracker:
             self._drain()
             self._log_final_mlflow(values, step)
         if self._writer is not None:
-            self._log_final_tensorboard(values, step)
+            log_final_hparams(self._writer, self._hparams, self._final, values, step)
 
     def _log_final_mlflow(self, values: Mapping[str, float], step: int) -> None:
         """Synchronous write of the final metrics and of the tag listing every final key."""
@@ -477,18 +315,3 @@ class Tracker:
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
         tag = RunTag(FINAL_KEYS_TAG, ",".join(sorted(self._final)))
         retrying("log_final", self._client.log_batch, self.run_id, metrics=metrics, tags=[tag])
-
-    def _log_final_tensorboard(self, values: Mapping[str, float], step: int) -> None:
-        """The three hparams summaries + the metric scalars, all in this run's directory."""
-        from torch.utils.tensorboard.summary import hparams
-
-        assert self._writer is not None
-        # the experiment summary lists every final metric seen so far, not only this call's
-        exp, ssi, sei = hparams(self._hparams, dict(self._final))
-        writer = self._writer.file_writer
-        assert writer is not None
-        for summary in (exp, ssi, sei):
-            writer.add_summary(summary, step)
-        for key, value in values.items():
-            self._writer.add_scalar(key, value, step)
-        self._writer.flush()
