@@ -125,16 +125,26 @@ def test_features_and_logits_shapes_batching_and_size_check():
 
 
 def test_augment_crops_are_shifted_windows_and_flips_mirror():
-    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)  # (B, C, H, W)
-    gen = torch.Generator().manual_seed(0)
-    out = _augment(x, pad=0, hflip=True, gen=gen)
-    for i in range(2):  # without padding every image is either itself or its mirror image
-        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
-    out = _augment(x, pad=1, hflip=False, gen=torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    for i in range(2):  # each crop is one of the 9 windows of the reflect-padded image
-        windows = [padded[i, :, r : r + 8, c : c + 8] for r in range(3) for c in range(3)]
-        assert any(torch.equal(out[i], w) for w in windows)
+    """Each image of a large batch gets its own random window and its own coin flip, at the documented rates."""
+    n = 900
+    x = torch.rand(n, 2, 6, 6, generator=torch.Generator().manual_seed(0))  # (B, C, H, W) distinct images
+    limit = 5 * (n * 0.5 * 0.5) ** 0.5  # 5 sigma of a Binomial(n, 1/2)
+    out = _augment(x, pad=0, hflip=True, gen=torch.Generator().manual_seed(1))
+    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, x, strict=True)])  # (B,)
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)])  # (B,)
+    assert bool((same | mirrored).all())  # without padding: the image itself or its mirror image, nothing else
+    assert abs(int(mirrored.sum()) - n / 2) < limit  # a fair coin per image (not one for the whole batch)
+    out = _augment(x, pad=1, hflip=False, gen=torch.Generator().manual_seed(2))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, 8, 8)
+    offsets = [(r, c) for r in range(3) for c in range(3)]
+    chosen = []
+    for i in range(n):  # each crop is one of the 9 windows of ITS OWN reflect-padded image
+        hits = [k for k, (r, c) in enumerate(offsets) if torch.equal(out[i], padded[i, :, r : r + 6, c : c + 6])]
+        assert len(hits) == 1, i
+        chosen.append(hits[0])
+    counts = torch.bincount(torch.tensor(chosen), minlength=9).double()  # (9,)
+    p = 1 / 9
+    assert ((counts - n * p).abs() < 5 * (n * p * (1 - p)) ** 0.5).all(), counts  # every offset, uniformly
 
 
 def test_saved_file_bytes_do_not_depend_on_the_path(tmp_path):

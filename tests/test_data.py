@@ -1,5 +1,6 @@
 """The prepare stage: shapes, ImageFolder and CIFAR-10 sources, the files it writes, and its errors."""
 
+import io
 import json
 import pickle
 import socket
@@ -181,7 +182,7 @@ def test_archive_prepares_exactly_like_its_folder(tmp_path, name, wrap, caplog):
     _image_folder(tmp_path / "imgs")
     from_folder = prepare(_folder_cfg(tmp_path / "imgs"), tmp_path / "a")
     archive = _archive(tmp_path / "imgs", tmp_path / name, wrap)
-    caplog.clear()  # the warning is a log record (stderr only once the CLI configured logging)
+    caplog.clear()  # the warning is logged (the CLI's handler prints it): caplog sees it whatever ran before
     from_archive = prepare(_folder_cfg(archive), tmp_path / "b")
     assert from_archive["content_hash"] == from_folder["content_hash"]
     assert from_archive["skipped_examples"] == ["cats/notes.txt", "dogs/broken.jpg"]  # same skip-and-count rule
@@ -207,6 +208,45 @@ def test_archive_errors_name_the_archive(tmp_path):
     with pytest.raises(UserError, match="not a supported archive"):
         prepare(_folder_cfg(other), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("member", ["/etc/cats/evil.png", "../cats/evil.png", "cats/../../evil.png",
+                                    "train/cats/../../../evil.png", "cats\\..\\..\\evil.png"])
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_members_with_absolute_or_parent_paths_are_refused(tmp_path, member, kind):
+    """A member that would land outside the folder (as `tar -x` or `unzip` would put it) is no class image:
+    prepare refuses the archive naming the member, and an earlier prepared output stays as it was."""
+    _image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    prepare(_folder_cfg(tmp_path / "imgs"), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    archive = _archive(tmp_path / "imgs", tmp_path / f"imgs.{kind}", wrap=None)
+    png = (tmp_path / "imgs/cats/a.png").read_bytes()
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "a") as zf:
+            zf.writestr(zipfile.ZipInfo(member), png)
+    else:  # rewrite the tar.gz with the extra member (a compressed tar cannot be appended to)
+        with tarfile.open(archive) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        with tarfile.open(archive, "w:gz") as tar:
+            for info, data in [*members, (tarfile.TarInfo(member), png)]:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match="unsafe path") as err:
+        prepare(_folder_cfg(archive), out)
+    assert repr(member) in str(err.value) and archive.name in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+    assert not list(tmp_path.rglob("evil.png")) and not (tmp_path.parent / "evil.png").exists()  # not extracted
+
+
+def test_archive_members_under_dot_folders_are_ordinary_relative_paths(tmp_path):
+    """`tar -czf x.tgz .` names its members ./cats/a.png: that is relative, and reads like the folder."""
+    _image_folder(tmp_path / "imgs")
+    from_folder = prepare(_folder_cfg(tmp_path / "imgs"), tmp_path / "a")
+    archive = tmp_path / "dotted.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname=".")
+    assert prepare(_folder_cfg(archive), tmp_path / "b")["content_hash"] == from_folder["content_hash"]
 
 
 CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"

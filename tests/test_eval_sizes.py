@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import make_overrides, tiny_params
 
+import ddpm.pipeline.evaluate as evaluate_mod
 import ddpm.pipeline.sample as sample_mod
 import ddpm.pipeline.trained_model as trained_model_mod
 from ddpm.config import Config, load_config
 from ddpm.data.datasets import prepare
 from ddpm.evaluation.classifier import Classifier, extract_features
-from ddpm.evaluation.metrics import precision_recall
 from ddpm.pipeline.classifier import classifier_stage
 from ddpm.pipeline.evaluate import count_tag, equal_size, evaluate_stage, offline_metrics, sweep_metric_names
 from ddpm.pipeline.fid_stats import fid_stats_stage
@@ -41,25 +42,62 @@ def test_equal_size_is_a_seeded_subsample_without_repeats():
     assert torch.equal(equal_size(100, 40, seed=0), torch.arange(40))  # never more than there is
 
 
-def test_offline_metrics_compare_equal_sizes_and_name_them():
-    """30 generated images against 120 real feature vectors: FD and precision/recall see 30 and 30."""
+def _spy_on_the_comparisons(monkeypatch) -> list[tuple[str, np.ndarray]]:
+    """Record the feature sets offline_metrics hands to the FD statistics and to precision/recall."""
+    seen: list[tuple[str, np.ndarray]] = []
+    stats, pr = evaluate_mod.feature_statistics, evaluate_mod.precision_recall
+
+    def feature_statistics(feats):
+        seen.append(("fd", np.asarray(feats)))
+        return stats(feats)
+
+    def precision_recall(real, fake, k):
+        seen.extend([("pr real", np.asarray(real)), ("pr generated", np.asarray(fake))])
+        return pr(real, fake, k=k)
+
+    monkeypatch.setattr(evaluate_mod, "feature_statistics", feature_statistics)
+    monkeypatch.setattr(evaluate_mod, "precision_recall", precision_recall)
+    return seen
+
+
+def _rows(a: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in np.asarray(a, dtype=np.float64)}
+
+
+def test_offline_metrics_compare_equal_sizes_and_name_them(monkeypatch):
+    """30 generated images against 120 real feature vectors, then 120 against 30: FD and precision/recall
+    always compare 30 with 30 (distinct members of the larger set), and the names say 30."""
     torch.manual_seed(0)
     clf = Classifier(num_classes=3, width=8, image_size=16).eval()
-    images = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8)  # (N, C, H, W)
-    labels = torch.arange(30) % 3  # (N,)
-    real = extract_features(clf, torch.randint(0, 256, (120, 3, 16, 16), dtype=torch.uint8), batch_size=50,
-                            device="cpu").numpy()  # (120, D)
-    m = offline_metrics(clf, images, labels, real, num_classes=3, k=3, seed=0)
+    images = torch.randint(0, 256, (120, 3, 16, 16), dtype=torch.uint8)  # (N, C, H, W)
+    labels = torch.arange(120) % 3  # (N,)
+    feats = extract_features(clf, images, batch_size=50, device="cpu").numpy().astype(np.float64)  # (120, D)
+    real = feats + 0.5  # (120, D) 120 real feature vectors, none equal to a generated one
+    seen = _spy_on_the_comparisons(monkeypatch)
+    m = offline_metrics(clf, images[:30], labels[:30], real, num_classes=3, k=3, seed=0)
     assert m["num_compared"] == 30
     assert {"fd_classifier_30", "precision_30", "recall_30", "class_accuracy"} <= set(m)
     assert not any(k in m for k in ("fd_classifier", "precision", "recall"))  # no unlabelled size
-    # the same comparison made by hand on the same seeded subsample of the real set
-    sub = real[equal_size(30, 120, seed=1).numpy()]
-    feats = extract_features(clf, images, batch_size=50, device="cpu").numpy()
-    assert (m["precision_30"], m["recall_30"]) == precision_recall(sub, feats, k=3)
+    assert [(what, a.shape) for what, a in seen] == [("fd", (30, feats.shape[1]))] * 2 + [
+        ("pr real", (30, feats.shape[1])), ("pr generated", (30, feats.shape[1]))]
+    pr_real, pr_fake = seen[2][1], seen[3][1]
+    assert len(_rows(pr_real)) == 30 and _rows(pr_real) <= _rows(real)  # 30 distinct real vectors
+    assert np.allclose(np.sort(pr_fake, axis=0), np.sort(feats[:30], axis=0), atol=1e-5)  # all 30 generated
+    fd_real = [a for _, a in seen[:2] if _rows(a) <= _rows(real)]
+    assert len(fd_real) == 1 and _rows(fd_real[0]) == _rows(pr_real)  # FD compares the same real subsample
+    # the other way round: 120 generated images against 30 real vectors; 30 of the images are compared
+    seen.clear()
+    m = offline_metrics(clf, images, labels, real[:30], num_classes=3, k=3, seed=0)
+    assert m["num_compared"] == 30 and {"fd_classifier_30", "precision_30", "recall_30"} <= set(m)
+    assert [a.shape[0] for _, a in seen] == [30, 30, 30, 30]
+    assert _rows(seen[2][1]) == _rows(real[:30])
+    picked = seen[3][1]  # features of 30 distinct generated images: each one row of `feats`
+    nearest = np.abs(picked[:, None, :] - feats[None]).max(axis=2).argmin(axis=1)  # (30,)
+    assert len(set(nearest.tolist())) == 30 and np.allclose(picked, feats[nearest], atol=1e-5)
     # an unconditional model's samples (label -1) get no class accuracy, the rest stays
-    u = offline_metrics(clf, images, torch.full((30,), -1), real, num_classes=3, k=3, seed=0)
-    assert "class_accuracy" not in u and u["fd_classifier_30"] == m["fd_classifier_30"]
+    conditional = offline_metrics(clf, images[:30], labels[:30], real, num_classes=3, k=3, seed=0)
+    u = offline_metrics(clf, images[:30], torch.full((30,), -1), real, num_classes=3, k=3, seed=0)
+    assert "class_accuracy" not in u and u["fd_classifier_30"] == conditional["fd_classifier_30"]
 
 
 def test_sweep_rows_become_sized_mlflow_names():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -101,10 +102,42 @@ def test_fid_of_a_set_with_itself_is_zero(outputs):
     assert fid_from_features(pool + 0.1, mu, sigma) == pytest.approx(2048 * 0.01, rel=1e-4)
 
 
-def test_inception_score_of_random_net_is_in_range(outputs):
-    _, logits = outputs
-    mean, _ = inception_score(logits, splits=2)
-    assert 1.0 <= mean <= 3.0  # 3 images per split: IS <= 3
+def test_inception_score_through_the_network_depends_only_on_the_predictions(random_weights, images, outputs):
+    """One image four times: p(y|x) = p(y) for every x, so IS = 1 exactly; each of three images twice: the same
+    distribution of predictions as the three once, so the same IS."""
+    extractor = InceptionFeatures(random_weights, "cpu")
+    _, logits = inception_outputs(extractor, images[[0, 1, 2, 0, 1, 2]], batch_size=6)
+    _, same = inception_outputs(extractor, images[[4, 4, 4, 4]], batch_size=4)
+    assert inception_score(same, splits=1) == pytest.approx((1.0, 0.0), abs=1e-9)
+    three, _ = inception_score(outputs[1][:3], splits=1)
+    assert inception_score(logits, splits=1)[0] == pytest.approx(three, rel=1e-6)
+    assert three > 1.0 + 1e-6  # different images get different predictions from the (random) network
+
+
+def _features_with_statistics(mu: np.ndarray, sigma: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n vectors (n, D) whose sample mean is exactly mu and whose unbiased sample covariance is exactly sigma."""
+    z = np.random.default_rng(seed).normal(size=(n, len(mu)))  # (n, D)
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # sample covariance exactly I
+    return mu + z @ np.linalg.cholesky(sigma).T  # (n, D)
+
+
+def test_fid_from_features_is_the_closed_form_distance_of_two_gaussians():
+    # 2-D with covariances that do not commute: for a 2x2 M with positive eigenvalues l1, l2,
+    # Tr sqrt(M) = sqrt(l1) + sqrt(l2) = sqrt(Tr M + 2 sqrt(det M)), and det(S1 S2) = det S1 det S2
+    mu1, s1 = np.array([1.0, -2.0]), np.array([[2.0, 0.6], [0.6, 1.0]])
+    mu2, s2 = np.array([0.5, 1.0]), np.array([[1.0, -0.3], [-0.3, 0.5]])
+    tr_sqrt = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    expected = 0.5**2 + 3.0**2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fid_from_features(_features_with_statistics(mu1, s1, 40, 0), mu2, s2) == pytest.approx(expected, rel=1e-9)
+    # 16-D, both covariances diagonal in the same rotated basis: sum over the axes of (sqrt a - sqrt b)^2
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))  # (16, 16) a random rotation
+    a, b = rng.uniform(0.5, 4.0, 16), rng.uniform(0.5, 4.0, 16)  # (16,) variances along q's columns
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    feats = _features_with_statistics(mu1, q @ np.diag(a) @ q.T, 100, 2)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert fid_from_features(feats, mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-9)
 
 
 def test_no_weights_is_a_user_error_with_instructions(empty_hub):
@@ -215,7 +248,7 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     import ddpm.pipeline.evaluate as evaluate_mod
     from ddpm.config import load_config
     from ddpm.data.datasets import prepare
-    from ddpm.pipeline.sample import sample_stage
+    from ddpm.pipeline.sample import load_samples, sample_stage
     from ddpm.pipeline.train import train
 
     params = tiny_params(train={"steps": 2, "sample_every": 0},
@@ -236,7 +269,18 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     monkeypatch.setattr(evaluate_mod, "InceptionFeatures", lambda *a, **k: built.append(1) or real(*a, **k))
     metrics = evaluate_mod.evaluate_stage(cfg, paths)
     assert len(built) == 1
-    assert metrics["fid_20"] > 0 and metrics["inception_score_20"] >= 1.0  # named by the sample count
+    # named by the sample count, and the numbers of the sample stage's 20 images against the fid_stats file,
+    # recomputed here without sqrtm: S = Xc^T Xc / (n - 1) of n = 20 centred features Xc has rank <= 19, and
+    # the nonzero eigenvalues of S S_ref are those of the 20 x 20 matrix Xc S_ref Xc^T / (n - 1), so
+    # Tr (S S_ref)^1/2 is the sum of their square roots
+    samples, _, _ = load_samples(paths.samples)
+    feats, logits = inception_outputs(InceptionFeatures(random_weights, "cpu"), samples)
+    ref_mu, ref_sigma = load_stats(paths.fid_stats)
+    n, xc = len(feats), feats - feats.mean(axis=0)  # (20, 2048)
+    roots = np.sqrt(np.linalg.eigvalsh(xc @ ref_sigma @ xc.T / (n - 1)).clip(min=0.0)).sum()
+    expected = np.sum((feats.mean(axis=0) - ref_mu) ** 2) + np.sum(xc**2) / (n - 1) + np.trace(ref_sigma) - 2 * roots
+    assert metrics["fid_20"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["inception_score_20"] == pytest.approx(inception_score(logits)[0], rel=1e-9)
     sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
     assert sweep[0].split("\t")[-2:] == ["fid", "fid_samples"] and len(sweep) == 3
-    assert all(float(r.split("\t")[-2]) > 0 and r.split("\t")[-1] == "20" for r in sweep[1:])
+    assert all(math.isfinite(float(r.split("\t")[-2])) and r.split("\t")[-1] == "20" for r in sweep[1:])

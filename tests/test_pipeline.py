@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -106,8 +107,11 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
     # 20 samples against 30 held-out images: both sets are 20, and the names say so
     assert metrics["num_compared"] == 20
     assert metrics["sampling_nfe"] == 2 * cfg.sample.steps == 8  # DDIM, 4 time-uniform steps, guided: 2 each
-    for key in ("class_accuracy", "fd_classifier_20", "fd_classifier_floor_20", "precision_20", "recall_20"):
-        assert isinstance(metrics[key], float)
+    for key in ("class_accuracy", "precision_20", "recall_20"):  # fractions of the 20 compared samples
+        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, key
+        assert metrics[key] * 20 == pytest.approx(round(metrics[key] * 20), abs=1e-9), key
+    for key in ("fd_classifier_20", "fd_classifier_floor_20"):  # distances: NaN or inf would pass a float check
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0.0, key
     clf = json.loads((repo / "metrics/classifier.json").read_text())
     assert metrics["real_class_accuracy"] == clf["accuracy"]  # the same classifier on the same real images
     assert 0.0 <= metrics["fd_classifier_floor_20"] < metrics["fd_classifier_20"]  # untrained samples are worse

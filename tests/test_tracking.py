@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 from ddpm.config import Config, flatten
-from ddpm.errors import UserError
+from ddpm.errors import Interrupted, UserError
 from ddpm.tracking.compare import compare_runs
 from ddpm.tracking.files import write_metrics, write_tsv
 from ddpm.tracking.lineage import git_tags
@@ -45,8 +47,11 @@ def repo(tmp_path_factory):
     """A committed git repository, a clean tracking environment, fast MLflow system metrics."""
     root = tmp_path_factory.mktemp("repo")
     (root / "code.py").write_text("x = 1\n")
+    # the stores the runs write into the repository are ignored, as in the project: the tree stays clean,
+    # so the git tags of a run do not depend on which tests ran before it
+    (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db-*\n/mlartifacts/\n/logs/\n/.resume/\n")
     _git(root, "init", "-q")
-    _git(root, "add", "code.py")
+    _git(root, "add", "code.py", ".gitignore")
     _git(root, "commit", "-q", "-m", "init")
     with pytest.MonkeyPatch.context() as mp:
         for name in _ENV:
@@ -127,13 +132,22 @@ def test_tags_name_git_and_caller(logged, client, repo):
     assert not any(k.startswith("dvc.") for k in tags)  # not under dvc exp run
 
 
-def test_git_tags_dirty_and_no_git(tmp_path, repo):
+def test_git_tags_dirty_and_no_git(tmp_path):
     assert git_tags(tmp_path) == {}  # not a repository: no tags, no error
-    (repo / "code.py").write_text("x = 2\n")
-    try:
-        assert git_tags(repo)["git.dirty"] == "true"
-    finally:
-        _git(repo, "checkout", "-q", "code.py")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "code.py").write_text("x = 1\n")
+    _git(own, "init", "-q")
+    _git(own, "add", "code.py")
+    _git(own, "commit", "-q", "-m", "init")
+    head = _git(own, "rev-parse", "HEAD")
+    assert git_tags(own) == {"mlflow.source.git.commit": head, "git.dirty": "false"}  # clean
+    (own / "code.py").write_text("x = 2\n")
+    assert git_tags(own) == {"mlflow.source.git.commit": head, "git.dirty": "true"}  # a modified tracked file
+    _git(own, "checkout", "-q", "code.py")
+    assert git_tags(own)["git.dirty"] == "false"
+    (own / "new.py").write_text("y = 1\n")
+    assert git_tags(own)["git.dirty"] == "true"  # an untracked file: the code that ran is not the commit
 
 
 def test_stepped_image_stored_under_images(logged, client, tmp_path):
@@ -259,6 +273,36 @@ def test_context_manager_ends_with_status(repo, client, error, status):
     with pytest.raises(error), Tracker.start(cfg, repo, f"ctx-{status}") as tracker:
         raise error()
     assert client.get_run(tracker.run_id).info.status == status
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_between_start_and_finish_ends_the_run_killed_then_the_old_handler_is_back(repo, client, signum):
+    """In-process: from `start` to `finish` the signal raises Interrupted (the run ends KILLED, not RUNNING);
+    after `finish` the handler installed before `start` receives it again."""
+    cfg = _cfg(tracking={"tensorboard": False, "system_metrics": False})
+    received: list[int] = []
+    def previous(sig: int, frame) -> None:
+        received.append(sig)
+
+    saved = {s: signal.signal(s, previous) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Interrupted) as err, Tracker.start(cfg, repo, f"signal-{signum.name}") as tracker:
+            assert client.get_run(tracker.run_id).info.status == "RUNNING"
+            os.kill(os.getpid(), signum)
+            for _ in range(1000):  # the handler runs as soon as the main thread is back in Python: sleep 1 at most
+                time.sleep(0.01)
+        assert err.value.signum == signum and received == []  # the tracker's handler took it, not the old one
+        assert client.get_run(tracker.run_id).info.status == "KILLED"
+        assert signal.getsignal(signal.SIGINT) is previous and signal.getsignal(signal.SIGTERM) is previous
+        os.kill(os.getpid(), signum)  # after finish: the old handler again, no exception
+        for _ in range(1000):
+            if received:
+                break
+            time.sleep(0.01)
+        assert received == [signum]
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def test_dvc_experiment_env_names_run_and_uses_dvc_root(repo, client, tmp_path, monkeypatch):

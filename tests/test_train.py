@@ -394,45 +394,68 @@ def test_progress_grid_rows_are_the_classes_in_order(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_weights_the_optimised_loss_but_not_the_logged_one(prediction: str) -> None:
+    """Each timestep's share of the step is scaled by exactly Hang et al. 2023's min-SNR weight; the log is not.
+
+    The model is one free scalar per timestep (out = P[t]), so the update of P[t] is the gradient of that
+    timestep's examples alone: min_snr / uniform row by row is the weight itself. Expected by hand from the
+    schedule: SNR(t) = alpha_bar / (1 - alpha_bar), alpha_bar_t = prod_{s<=t} (1 - beta_s); the weight of an
+    L_simple term is min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023,
+    "Efficient Diffusion Training via Min-SNR Weighting Strategy", sec. 3.4, as GaussianDiffusion.loss_weights
+    documents: the x0-space weight min(SNR, gamma), divided by the factor between that space's error and
+    the prediction space's).
+    """
     from ddpm.core.diffusion import GaussianDiffusion
     from ddpm.core.runtime import Ranks
     from ddpm.core.schedules import linear_betas
     from ddpm.core.train_step import StepContext, StepStats, train_step
 
-    class PlainSGD(torch.optim.Optimizer):
-        """p -= grad: the update is the gradient itself (train_step sets and removes `found_inf`)."""
+    T, gamma = 100, 5.0
+
+    class KeepGradient(torch.optim.Optimizer):
+        """Keeps the gradient the step was given (train_step sets and removes `found_inf`)."""
 
         def __init__(self, params):
             super().__init__(params, {})
 
         @torch.no_grad()
         def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p -= p.grad
+            self.grad = self.param_groups[0]["params"][0].grad.double().clone()  # (T,)
 
     class Batches:
         def next(self):
-            return torch.full((16, 1, 2, 2), 0.5), torch.zeros(16, dtype=torch.int64)
+            return torch.full((64, 1, 2, 2), 0.5), torch.zeros(64, dtype=torch.int64)
 
-    def run(weighting: str) -> tuple[torch.Tensor, dict]:
-        torch.manual_seed(0)
-        net = torch.nn.Conv2d(1, 1, 1)
-        model = lambda x, t, y: net(x)  # noqa: E731
-        model.parameters = net.parameters  # what train_step reads the gradients from
-        diffusion = GaussianDiffusion(linear_betas(100, 1e-4, 0.02), prediction)  # type: ignore[arg-type]
-        opt = PlainSGD(net.parameters())
-        ctx = StepContext(model, diffusion, opt, None, torch.Generator().manual_seed(1), "fp32",  # type: ignore[arg-type]
-                          torch.device("cpu"), Ranks(), None, 0.0, 0.0, 1, weighting, 5.0)
+    def run(weighting: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        # (T,) one output per timestep; far from every target, so no row's gradient is a near-cancelling sum
+        table = torch.nn.Parameter(torch.full((T,), 10.0))
+        seen: list[torch.Tensor] = []
+
+        def model(x, t, y):
+            seen.append(t)
+            return table[t][:, None, None, None].expand_as(x)  # (B, 1, 2, 2)
+
+        model.parameters = lambda: iter([table])  # what train_step reads the gradients from
+        diffusion = GaussianDiffusion(linear_betas(T, 1e-4, 0.02), prediction)  # type: ignore[arg-type]
+        opt = KeepGradient([table])
+        ctx = StepContext(model, diffusion, opt, None, torch.Generator().manual_seed(1),  # type: ignore[arg-type]
+                          "fp32", torch.device("cpu"), Ranks(), None, 0.0, 0.0, 1, weighting, gamma)
         stats = StepStats(torch.device("cpu"))
-        before = [p.detach().clone() for p in net.parameters()]
         train_step(ctx, Batches(), stats)
-        update = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
-        return update, stats.read()
+        return opt.grad, torch.cat(seen), stats.read()
 
-    uniform_update, uniform_log = run("uniform")
-    snr_update, snr_log = run("min_snr")
-    # same noise and timesteps: the logged L_simple is identical, the step is smaller (weights <= 1 here)
+    uniform_grad, t_uniform, uniform_log = run("uniform")
+    snr_grad, t, snr_log = run("min_snr")
+    assert torch.equal(t, t_uniform)  # same generator: same timesteps and noise
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))  # (T,)
+    snr = alpha_bar / (1.0 - alpha_bar)  # (T,)
+    expected = np.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1.0)  # (T,)
+    used = sorted(set(t.tolist()))
+    assert snr[used].max() > gamma > snr[used].min()  # both sides of the clamp are sampled
+    assert (uniform_grad[used] != 0).all()
+    got = (snr_grad[used] / uniform_grad[used]).numpy()
+    np.testing.assert_allclose(got, expected[used], rtol=1e-6)
+    unused = [s for s in range(T) if s not in used]
+    assert (snr_grad[unused] == 0).all() and (uniform_grad[unused] == 0).all()
+    # same noise and timesteps: the logged L_simple is identical
     assert snr_log["loss"] == pytest.approx(uniform_log["loss"], rel=1e-12)
     assert snr_log.keys() == uniform_log.keys()
-    assert 0 < snr_update.norm() < uniform_update.norm()
