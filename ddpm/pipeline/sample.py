@@ -7,6 +7,7 @@ writes the class grid, the denoising-progression picture and the evaluation set.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,13 @@ from ddpm.core.runtime import configure_backends, configure_cpu_allocator
 from ddpm.core.samplers import respaced_timesteps, visited_timesteps
 from ddpm.errors import UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
+from ddpm.pipeline.fingerprint import SAMPLE_CODE_DIFFERS_TAG, SAMPLE_CODE_TAG, training_fingerprint
 from ddpm.pipeline.layout import Layout
 from ddpm.tracking.files import read_run_id, write_run_id
 from ddpm.tracking.names import SAMPLES
 from ddpm.tracking.tracker import Tracker
 
+log = logging.getLogger(__name__)
 # the sample command's flags, by the SampleConfig field each one overrides
 SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "eta": "--eta", "guidance_scale": "--guidance",
                 "spacing": "--spacing"}
@@ -44,6 +47,7 @@ class LoadedModel:
     class_names: list[str]
     device: torch.device
     step: int  # training steps behind these weights
+    train_code: str = ""  # the fingerprint of the training code that made it ("" when the checkpoint has none)
 
 
 def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> LoadedModel:
@@ -61,7 +65,8 @@ def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> L
     if cfg.sample.compile:
         model = torch.compile(model)
     names = ckpt.get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
-    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device, int(ckpt["step"]))
+    train_code = str((ckpt.get("code") or {}).get("fingerprint", ""))
+    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device, int(ckpt["step"]), train_code)
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
@@ -130,14 +135,27 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), json.loads(str(z["meta"]))
 
 
-def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path) -> Tracker:
+def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path, tags: dict[str, str] | None = None) -> Tracker:
     """The tracker of a sample or evaluate stage, to be entered before the work starts: the MLflow run that
     `run_info` names (re-opened, or a new child of the training run when these params are not the ones it
-    logged), or a tracker that logs nothing when the pipeline has no MLflow run."""
+    logged), or a tracker that logs nothing when the pipeline has no MLflow run. `tags` are set on that run."""
     run_id = read_run_id(run_info)
     if not run_id:
         return Tracker()
-    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
+    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags or {},
+                         new_run_if_params_differ=True)
+
+
+def training_code_record(lm: LoadedModel, checkpoint: Path) -> dict:
+    """Whether the checkpoint's recorded training code is the running code's: sampling other code's model is
+    allowed (sampling code may improve), but said once and recorded (samples/run.json, MLflow tags)."""
+    running = training_fingerprint()
+    differs = lm.train_code != running
+    if differs:
+        log.warning("%s was trained by other training code (fingerprint %s, running code %s): sampling it anyway",
+                    checkpoint, lm.train_code or "unrecorded", running)
+    return {"checkpoint_fingerprint": lm.train_code or "unrecorded", "running_fingerprint": running,
+            "differs": differs}
 
 
 def sample_stage(cfg: Config, paths: Layout) -> dict:
@@ -149,9 +167,11 @@ def sample_stage(cfg: Config, paths: Layout) -> dict:
     configure_backends(cfg.train.deterministic)
     lm = load_model(paths.ema, cfg, cfg.sample.precision)
     configure_cpu_allocator(lm.device)  # CPU: freed activations stay in the process (no page faults per call)
-    with pipeline_tracker(cfg, paths, paths.train_run) as tracker:
+    code = training_code_record(lm, paths.ema)
+    tags = {SAMPLE_CODE_TAG: code["running_fingerprint"], SAMPLE_CODE_DIFFERS_TAG: str(code["differs"]).lower()}
+    with pipeline_tracker(cfg, paths, paths.train_run, tags) as tracker:
         meta = _sample(cfg, paths, lm, tracker)
-        write_run_id(paths.sample_run, tracker.run_id)
+        write_run_id(paths.sample_run, tracker.run_id, {"train_code": code})
     return meta
 
 
