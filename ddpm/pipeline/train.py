@@ -1,9 +1,10 @@
 """The training workflow (the `train` stage): data, model, EMA, optimiser, loop, checkpoints, tracking.
 
-`train(cfg, paths)` resumes from `.resume/<key>/` when an earlier run with the same training params was
-interrupted, checkpoints every `train.checkpoint_every` steps and on SIGINT/SIGTERM, and writes the
-stage's outputs (EMA checkpoint, metrics, loss curve, progress grids) at the end. On CPU a resumed run
-gives bit-identical EMA weights to an uninterrupted one.
+`train(cfg, paths)` resumes from `.resume/<key>/` when an earlier run with the same training params, data
+and training code (`ddpm.pipeline.fingerprint`) was interrupted (a finished one only writes its outputs
+again), checkpoints every `train.checkpoint_every` steps and on SIGINT/SIGTERM, and writes the stage's
+outputs (EMA checkpoint, metrics, loss curve, progress grids) at the end. On CPU a resumed run gives
+bit-identical EMA weights to an uninterrupted one.
 """
 
 from __future__ import annotations
