@@ -4,71 +4,36 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-# The quickstart: the whole pipeline on the synthetic `shapes` dataset with a small U-Net at 16x16, on the CPU,
-# as a DVC experiment whose overrides are visible in `dvc exp show` (params.yaml keeps the CIFAR-10 default).
-# Its recipe is the winner of the ablations in README *Results*: v-prediction on the cosine schedule with
-# min-SNR-5 weighting, 900 steps (60 % of the earlier 1,500), DPM-Solver++(2M) with 10 time-uniform steps at
-# guidance 1. The progress grids keep DDIM-25 at guidance 4 (classes show early; they do not affect the weights).
-QUICKSTART_BASE := \
-	-S data.dataset=shapes -S data.image_size=16 -S data.shapes_per_class=600 \
-	-S model.channels=32 -S 'model.channel_mult=[1,2,2]' -S model.num_res_blocks=1 \
-	-S 'model.attention_resolutions=[8]' -S model.dropout=0.0 \
-	-S train.device=cpu -S train.precision=fp32 -S train.compile=false -S train.channels_last=false \
-	-S train.batch_size=64 -S train.steps=900 -S train.lr=0.001 -S train.warmup_steps=100 \
-	-S train.ema_decay=0.995 -S train.sample_every=500 -S train.checkpoint_every=250 -S train.min_snr_gamma=5.0 \
-	-S train.progress_steps=25 -S train.progress_guidance_scale=4.0 \
-	-S sample.num_samples=500 -S sample.batch_size=500 -S sample.grid_per_class=8 \
-	-S evaluate.fid=false -S evaluate.classifier.epochs=3 -S evaluate.classifier.width=16 \
-	-S 'evaluate.guidance_sweep=[0.0,1.0,2.0,4.0]' -S evaluate.sweep_samples=200 \
-	-S tracking.log_every=25
-QUICKSTART_RECIPE   := -S schedule=cosine -S diffusion.prediction=v -S train.loss_weighting=min_snr
-QUICKSTART_SAMPLING := -S sample.sampler=dpm_solver -S sample.spacing=time -S sample.steps=10 -S sample.guidance_scale=1.0
-QUICKSTART_PARAMS   := $(QUICKSTART_BASE) $(QUICKSTART_RECIPE) $(QUICKSTART_SAMPLING) -S tracking.experiment=quickstart
+# Recipes are files (recipes/*.yaml): the overrides of params.yaml, nested like it, run as one
+# `dvc exp run -S key=value ...` (so `dvc exp show` lists every override) by `python -m ddpm recipe FILE`;
+# `python -m ddpm recipe FILE --print` shows the command. Extra `-S key=value` flags add or replace overrides.
+RECIPE_RUN := python -m ddpm recipe
 
-# The CPU CIFAR-10 experiment: real CIFAR-10 classes at 16x16 (4x cheaper than 32x32, so ~4x the steps in the
-# same budget), the quickstart's 1.1M-parameter U-Net, v-prediction on the cosine schedule with min-SNR
-# weighting (the quickstart grid's best; README *Results* compares it with the linear schedule on CIFAR-10),
-# DPM-Solver++(2M) on log-SNR steps at guidance 2 (the sweep's best fd, colours within 10 %); 4,500 steps
-# (better than 3,000 at every guidance up to 2): 8.4 minutes of training on a quiet 2-core AVX-512 machine
-# (573 img/s), about 2.3x that (~19 min) on AVX2, inside the 30-minute budget.
 # `make cifar-cpu CIFAR=path/to/folder-or-archive` reads class folders (e.g. a CIFAR-10 JPEG .tar.gz);
-# without CIFAR the `cifar10` dataset is used (torchvision download into data/raw/, as params.yaml).
+# without CIFAR the recipe's `cifar10` dataset is used (torchvision download into data/raw/, as params.yaml).
+# CIFAR_STEPS / CIFAR_GUIDANCE replace the recipe's train.steps / sample.guidance_scale when given.
 CIFAR ?=
-CIFAR_DATA := $(if $(CIFAR),-S data.dataset=folder -S data.folder=$(CIFAR),-S data.dataset=cifar10)
-CIFAR_CPU_BASE := \
-	$(CIFAR_DATA) -S data.image_size=16 \
-	-S model.channels=32 -S 'model.channel_mult=[1,2,2]' -S model.num_res_blocks=1 \
-	-S 'model.attention_resolutions=[8]' -S model.dropout=0.0 \
-	-S diffusion.prediction=v -S train.loss_weighting=min_snr -S train.min_snr_gamma=5.0 \
-	-S train.device=cpu -S train.precision=fp32 -S train.compile=false -S train.channels_last=false \
-	-S train.batch_size=64 -S train.lr=0.001 -S train.warmup_steps=100 \
-	-S train.ema_decay=0.999 -S train.sample_every=500 -S train.checkpoint_every=250 \
-	-S train.progress_sampler=dpm_solver -S train.progress_spacing=logsnr -S train.progress_steps=25 \
-	-S train.progress_guidance_scale=3.0 \
-	-S sample.num_samples=1000 -S sample.batch_size=500 -S sample.grid_per_class=8 \
-	-S evaluate.fid=false -S evaluate.classifier.epochs=3 -S evaluate.classifier.width=16 \
-	-S evaluate.sweep_samples=500 -S tracking.log_every=50
-CIFAR_SWEEP      := -S 'evaluate.guidance_sweep=[0.0,1.0,2.0,3.0,4.0]'
-CIFAR_SAMPLING   := -S sample.sampler=dpm_solver -S sample.spacing=logsnr -S sample.steps=25
-CIFAR_GUIDANCE   ?= 2.0
-CIFAR_STEPS      ?= 4500
-CIFAR_CPU_PARAMS := $(CIFAR_CPU_BASE) -S schedule=cosine -S train.steps=$(CIFAR_STEPS) $(CIFAR_SAMPLING) -S sample.guidance_scale=$(CIFAR_GUIDANCE) \
-	$(CIFAR_SWEEP) -S tracking.experiment=cifar-cpu
+CIFAR_STEPS ?=
+CIFAR_GUIDANCE ?=
+CIFAR_DATA := $(if $(CIFAR),-S data.dataset=folder -S data.folder=$(CIFAR))
+CIFAR_GUIDE := $(if $(CIFAR_GUIDANCE),-S sample.guidance_scale=$(CIFAR_GUIDANCE))
+CIFAR_OPTS := $(CIFAR_DATA) $(if $(CIFAR_STEPS),-S train.steps=$(CIFAR_STEPS)) $(CIFAR_GUIDE)
 
 # Ablations through DVC's own queue (README *Results*): each grid point is a queued `dvc exp run` in a
 # temporary copy, one MLflow run each in the experiment named by tracking.experiment; `ablate-guidance` and
-# `ablate-samplers` re-sample the cached training of ABLATE_RECIPE (only the sample and evaluate stages run).
-# Each target waits for the queue; `python -m ddpm compare --experiment ablate-quickstart --markdown ...`
-# prints the tables (the README's *Results* gives the exact commands).
+# `ablate-samplers` re-sample the cached training of the quickstart recipe (only the sample and evaluate
+# stages run). Each target waits for the queue; `python -m ddpm compare --experiment ablate-quickstart
+# --markdown ...` prints the tables (the README's *Results* gives the exact commands).
 ABLATE_DDIM25   := -S sample.sampler=ddim -S sample.spacing=time -S sample.steps=25
 ABLATE_GUIDANCE ?= 1.0
 ABLATE_JOBS     ?= 1
 # start the queue's workers and wait for them
 ABLATE_RUN      := dvc queue start -j $(ABLATE_JOBS) && \
 	while dvc queue status | grep -qE 'Queued|Running'; do sleep 20; done; dvc queue status
-# (each target names every key once, so the command line shows exactly what each grid point runs)
-ABLATE_QS       := dvc exp run --queue $(QUICKSTART_BASE) -S tracking.experiment=ablate-quickstart
-ABLATE_CIFAR    := dvc exp run --queue $(CIFAR_CPU_BASE) -S tracking.experiment=ablate-cifar
+# a recipe queued with the target's -S flags, which replace the recipe's values of the same keys (each key
+# appears once in the queued command, so it shows exactly what each grid point runs)
+ABLATE_QS       := $(RECIPE_RUN) recipes/quickstart.yaml --queue -S tracking.experiment=ablate-quickstart
+ABLATE_CIFAR    := $(RECIPE_RUN) recipes/cifar-cpu.yaml --queue $(CIFAR_DATA) -S tracking.experiment=ablate-cifar
 
 ablate-quickstart: venv
 	$(ABLATE_QS) $(ABLATE_DDIM25) -S sample.guidance_scale=4.0 \
@@ -76,36 +41,34 @@ ablate-quickstart: venv
 	$(ABLATE_RUN)
 
 ablate-guidance: venv
-	$(ABLATE_QS) $(QUICKSTART_RECIPE) $(ABLATE_DDIM25) -S 'evaluate.guidance_sweep=[]' \
+	$(ABLATE_QS) $(ABLATE_DDIM25) -S 'evaluate.guidance_sweep=[]' \
 		-S 'sample.guidance_scale=1.0,1.5,2.0,3.0,4.0'
 	$(ABLATE_RUN)
 
 ablate-samplers: venv
-	$(ABLATE_QS) $(QUICKSTART_RECIPE) -S 'evaluate.guidance_sweep=[]' -S sample.guidance_scale=$(ABLATE_GUIDANCE) \
+	$(ABLATE_QS) -S 'evaluate.guidance_sweep=[]' -S sample.guidance_scale=$(ABLATE_GUIDANCE) \
 		-S 'sample.sampler=ddim,dpm_solver' -S 'sample.steps=10,25,50' -S 'sample.spacing=time,logsnr'
 	$(ABLATE_RUN)
 
 # The quickstart grid's best two recipes on the CPU CIFAR-10 experiment (both v-prediction with min-SNR-5;
 # they differ in the schedule). Same CIFAR=... as cifar-cpu.
 ablate-cifar: venv
-	$(ABLATE_CIFAR) $(CIFAR_SAMPLING) -S sample.guidance_scale=3.0 $(CIFAR_SWEEP) \
-		-S train.steps=3000 -S 'schedule=cosine,linear'
+	$(ABLATE_CIFAR) -S sample.guidance_scale=3.0 -S train.steps=3000 -S 'schedule=cosine,linear'
 	$(ABLATE_RUN)
 
 # The training budget: the winner at 3,000 and 4,500 steps (the 3,000-step point is ablate-cifar's cosine run).
 ablate-cifar-budget: venv
-	$(ABLATE_CIFAR) $(CIFAR_SAMPLING) -S sample.guidance_scale=3.0 $(CIFAR_SWEEP) \
-		-S schedule=cosine -S 'train.steps=3000,4500'
+	$(ABLATE_CIFAR) -S sample.guidance_scale=3.0 -S 'train.steps=3000,4500'
 	$(ABLATE_RUN)
 
-# Samplers x steps on the cached 3,000-step CIFAR-10 training of the cifar-cpu recipe, at CIFAR_GUIDANCE.
+# Samplers x steps on the cached 3,000-step CIFAR-10 training of the cifar-cpu recipe, at its guidance
+# (or CIFAR_GUIDANCE).
 ablate-cifar-samplers: venv
-	$(ABLATE_CIFAR) -S schedule=cosine -S train.steps=3000 \
-		-S 'evaluate.guidance_sweep=[]' -S sample.guidance_scale=$(CIFAR_GUIDANCE) \
+	$(ABLATE_CIFAR) -S train.steps=3000 -S 'evaluate.guidance_sweep=[]' $(CIFAR_GUIDE) \
 		-S 'sample.sampler=ddim,dpm_solver' -S 'sample.steps=10,25,50' -S 'sample.spacing=time,logsnr'
 	$(ABLATE_RUN)
 
-.PHONY: venv quickstart cifar-cpu ablate-quickstart ablate-guidance ablate-samplers ablate-cifar ablate-cifar-budget ablate-cifar-samplers docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
+.PHONY: venv quickstart cifar-cpu experiment ablate-quickstart ablate-guidance ablate-samplers ablate-cifar ablate-cifar-budget ablate-cifar-samplers docs-figures test test-fast bench bench-gpu mlflow-ui tensorboard clean-outputs
 
 venv: $(VENV)/.installed
 
@@ -117,15 +80,22 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: venv
 	@git rev-parse --verify HEAD >/dev/null 2>&1 || { echo "quickstart needs a git checkout with a commit (dvc exp run records experiments in git)"; exit 2; }
-	time dvc exp run $(QUICKSTART_PARAMS)
+	time $(RECIPE_RUN) recipes/quickstart.yaml
 	dvc metrics show
 	@echo "Samples: samples/grid.png, samples/denoise.png. Compare runs: make mlflow-ui; dvc exp show"
 
 cifar-cpu: venv
 	@git rev-parse --verify HEAD >/dev/null 2>&1 || { echo "cifar-cpu needs a git checkout with a commit (dvc exp run records experiments in git)"; exit 2; }
-	time dvc exp run $(CIFAR_CPU_PARAMS)
+	time $(RECIPE_RUN) recipes/cifar-cpu.yaml $(CIFAR_OPTS)
 	dvc metrics show
 	@echo "Figures: samples/progression.png, samples/grid.png. Then: make docs-figures"
+
+# Your own recipe: `make experiment RECIPE=path/to/recipe.yaml` (overrides nested like params.yaml; see recipes/).
+experiment: venv
+	@test -n "$(RECIPE)" || { echo "usage: make experiment RECIPE=path/to/recipe.yaml (see recipes/)"; exit 2; }
+	@git rev-parse --verify HEAD >/dev/null 2>&1 || { echo "experiment needs a git checkout with a commit (dvc exp run records experiments in git)"; exit 2; }
+	time $(RECIPE_RUN) $(RECIPE)
+	dvc metrics show
 
 # The README's figures: the last experiment's progression and final grid, copied into docs/ as PNGs
 # (small already: 16x16 cells are drawn 3x, the grid is 8 samples x 10 classes).

@@ -1,4 +1,4 @@
-"""`python -m ddpm {prepare,classifier,fid-stats,train,sample,evaluate,compare,bench}`.
+"""`python -m ddpm {prepare,classifier,fid-stats,train,sample,evaluate,compare,bench,recipe}`.
 
 The DVC stage scripts in `stages/` call `ddpm.pipeline.entry.run_stage`, which runs the same workflow
 functions as these commands.
@@ -79,6 +79,12 @@ def _cmd_bench(cfg: Config, args) -> None:
     bench_cli(cfg, args)
 
 
+def _cmd_recipe(cfg: Config, args) -> None:
+    from ddpm.pipeline.recipe import run_recipe
+
+    run_recipe(Path(args.path), cfg.to_dict(), args.set_params, args.queue, args.print_only)
+
+
 def _ints(text: str) -> list[int]:
     """'128,256' -> [128, 256] (argparse type: a bad value is a usage error naming the option)."""
     try:
@@ -156,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--reference", action="store_true", help="the DDPM reference network, not params.yaml's")
     b.set_defaults(fn=_cmd_bench)
+    r = sub.add_parser("recipe", help="run a recipe file of params overrides as `dvc exp run -S ...`")
+    r.add_argument("path", help="a YAML file of overrides nested like params.yaml, e.g. recipes/quickstart.yaml")
+    r.add_argument("-S", dest="set_params", action="append", default=[], metavar="KEY=VALUE",
+                   help="add or replace an override (repeatable; DVC's grid syntax a,b queues a grid with --queue)")
+    r.add_argument("--queue", action="store_true", help="queue the experiment(s) (dvc exp run --queue)")
+    r.add_argument("--print", dest="print_only", action="store_true", help="print the command instead of running it")
+    r.set_defaults(fn=_cmd_recipe)
     return p
 
 

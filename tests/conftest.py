@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -82,28 +81,19 @@ def project_params(tmp_path: Path) -> Path:
     return path
 
 
-def make_words(variable: str, **make_vars: str) -> list[str]:
-    """A Makefile variable as make expands it, split like a shell: ['-S', 'key=value', ...]."""
-    args = [f"{k}={v}" for k, v in make_vars.items()]
-    out = subprocess.run(["make", "-s", "-C", str(ROOT), "VENV=/nonexistent", *args, "--eval",
-                          f"show:\n\t@echo $({variable})", "show"], capture_output=True, text=True, check=True,
-                         timeout=120)
-    return shlex.split(out.stdout)
+def recipe_params(name: str, *extra: str) -> dict:
+    """The params `recipes/NAME.yaml` runs (with `-S KEY=VALUE` texts `extra`): its overrides, as the recipe
+    command passes them to `dvc exp run`, applied to params.yaml as git has it (a dict)."""
+    from ddpm.pipeline.recipe import recipe_overrides
 
-
-def make_overrides(variable: str, **make_vars: str) -> dict:
-    """The -S overrides a Makefile variable expands to, applied to params.yaml (a dict)."""
-    words = make_words(variable, **make_vars)
     params = yaml.safe_load(project_params_text())
-    for flag, assignment in zip(words[::2], words[1::2], strict=True):
-        assert flag == "-S"
-        key, value = assignment.split("=", 1)
+    for key, text in recipe_overrides(ROOT / "recipes" / f"{name}.yaml", params, list(extra)).items():
         *parents, leaf = key.split(".")
         node = params
         for p in parents:
             node = node[p]
         assert leaf in node, f"{key} is not in params.yaml"
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.safe_load(text)
     return params
 
 

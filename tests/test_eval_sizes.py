@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_overrides, tiny_params
+from conftest import recipe_params, tiny_params
 
 import ddpm.pipeline.evaluate as evaluate_mod
 import ddpm.pipeline.sample as sample_mod
@@ -113,7 +113,7 @@ def test_fid_50k_default_in_config_and_params_and_the_quickstart_overrides_it(pr
     assert Config().sample.num_samples == 50_000 and Config().sample.precision == "fp32"
     cfg = load_config(project_params)
     assert cfg.sample.num_samples == 50_000 and cfg.sample.precision == "fp32"
-    assert make_overrides("QUICKSTART_PARAMS")["sample"]["num_samples"] == 500
+    assert recipe_params("quickstart")["sample"]["num_samples"] == 500
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in ("sample", "evaluate"):  # evaluation sampling reads sample.precision, not train.precision
         assert "sample" in dvc[stage]["params"] and "train.precision" not in dvc[stage]["params"]

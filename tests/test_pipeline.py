@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_overrides, make_words, tiny_params
+from conftest import tiny_params
 from dvc_repos import init_pipeline_repo
 from dvc_repos import run_ok as _run
 from dvc_repos import tool_env as _env
@@ -288,27 +288,6 @@ def test_every_mlflow_run_entry_point_logs_into_the_run_mlflow_created(dvc_repo_
     for entry in ("main", "train"):
         assert len(runs[entry].outputs.model_outputs) == 1, entry  # the EMA model, logged into this run
     assert "grid.png" in {a.path for a in client.list_artifacts(runs["sample"].info.run_id)}
-
-
-@pytest.mark.parametrize("cifar", ["", "../shared/data/cifar10-jpeg-train.tar.gz"])
-def test_cifar_cpu_overrides_are_valid_params(cifar):
-    params = make_overrides("CIFAR_CPU_PARAMS", CIFAR=cifar)
-    cfg = Config.from_dict(params)
-    assert cfg.data.dataset == ("folder" if cifar else "cifar10") and cfg.data.folder == (cifar or None)
-    assert cfg.data.image_size == 16 and cfg.sample.sampler == "dpm_solver" and cfg.model.num_classes == 10
-
-
-@pytest.mark.parametrize("variable", ["QUICKSTART_PARAMS", "CIFAR_CPU_PARAMS"])
-def test_makefile_experiments_are_valid_configs_naming_each_key_once(variable):
-    """What `make quickstart` / `make cifar-cpu` pass to `dvc exp run`: valid params, no key given twice
-    (the command line then says exactly what runs); the quickstart is the ablations' winning recipe."""
-    words = make_words(variable)
-    keys = [w.split("=", 1)[0] for w in words[1::2]]
-    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
-    cfg = Config.from_dict(make_overrides(variable))
-    assert (cfg.schedule, cfg.diffusion.prediction, cfg.train.loss_weighting) == ("cosine", "v", "min_snr")
-    if variable == "QUICKSTART_PARAMS":
-        assert cfg.train.steps * cfg.train.batch_size <= 0.6 * 1500 * 64  # issue 13: <= 60 % of the old budget
 
 
 def test_sample_stage_with_dpm_solver_on_logsnr_steps(repo):

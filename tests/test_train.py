@@ -93,7 +93,8 @@ def test_train_writes_declared_outputs(tmp_path):
     # a finished run keeps only its last resume checkpoint
     store_dir = next(resume_root(tmp_path).iterdir())
     # lock: see ResumeStore.exclusive; progress: the grids kept for a resume in another directory
-    assert sorted(p.name for p in store_dir.iterdir()) == ["last.pt", "lock", "progress"]
+    # key.json: the params-only key and the code fingerprint behind the folder's name
+    assert sorted(p.name for p in store_dir.iterdir()) == ["key.json", "last.pt", "lock", "progress"]
     assert sorted(p.name for p in (store_dir / "progress").iterdir()) == ["step_0000003.png", "step_0000006.png"]
 
 
@@ -163,7 +164,8 @@ def test_a_changed_training_param_starts_afresh_and_a_tracking_param_resumes(tmp
     train(_cfg(train={"sample_every": 0}, tracking={**NO_TRACKING, "log_every": 3}), paths)
     assert steps["n"] == 4  # only tracking differs: resumed cfg's checkpoint at step 2
     data_hash = json.loads((paths.prepared / "meta.json").read_text())["content_hash"]
-    assert resume_key(cfg, data_hash) != resume_key(cfg, "another dataset")
+    assert resume_key(cfg, data_hash, "code") != resume_key(cfg, "another dataset", "code")
+    assert resume_key(cfg, data_hash, "code") != resume_key(cfg, data_hash, "other code")
 
 
 def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, caplog):

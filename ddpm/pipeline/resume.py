@@ -2,10 +2,13 @@
 
 DVC deletes a stage's (non-persistent) outputs before running it and `dvc exp run` checks out the
 baseline's outputs, so resume state lives outside every DVC output: in
-`<store root>/.resume/<key>/`, where the key hashes every training-relevant param and the dataset's
-content hash. Changing any of them gives another key, so a run never resumes from an incompatible
-checkpoint. Two files are kept while training (`last.pt` and `previous.pt`, so a corrupt last one
-falls back to the one before); a finished run keeps only `last.pt`.
+`<store root>/.resume/<key>/`, where the key hashes every training-relevant param, the dataset's
+content hash and the fingerprint of the training code (`ddpm.pipeline.fingerprint`). Changing any of
+them gives another key, so a run never resumes from an incompatible checkpoint, nor from one that other
+code made; `key.json` in each folder records its params-only key and code fingerprint, so a start can
+say that (and which) checkpoint of the same params it is not resuming. Two files are kept while training
+(`last.pt` and `previous.pt`, so a corrupt last one falls back to the one before); a finished run keeps
+only `last.pt`.
 
 The store root is the parent repository under `dvc exp run --temp/--queue` (`DVC_ROOT`), not the
 temporary copy the stage runs in, which DVC deletes: a killed queued experiment resumes when it is
@@ -37,11 +40,35 @@ from ddpm.tracking.store import store_root
 log = logging.getLogger(__name__)
 
 
-def resume_key(cfg: Config, data_hash: str) -> str:
-    """A short hash of everything that determines the trained weights."""
-    relevant = cfg.training_dict() | {"data_hash": data_hash}
-    blob = json.dumps(relevant, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def params_key(cfg: Config, data_hash: str) -> str:
+    """A short hash of the training params and the data: the resume key without the code."""
+    return _short_hash(cfg.training_dict() | {"data_hash": data_hash})
+
+
+def resume_key(cfg: Config, data_hash: str, code_fingerprint: str) -> str:
+    """A short hash of everything that determines the trained weights: params, data and training code."""
+    return _short_hash({"params_key": params_key(cfg, data_hash), "code_fingerprint": code_fingerprint})
+
+
+def _short_hash(relevant: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoints_of_other_code(root: Path, params: str, code_fingerprint: str) -> list[tuple[Path, str]]:
+    """`(folder, its code fingerprint)` of every resume folder under `root` holding a checkpoint of the same
+    params and data (`params`, a `params_key`) made by other training code; the newest first.
+
+    A folder without `key.json` named `params` was made before the key covered the code ("unrecorded").
+    """
+    found = []
+    for folder in root.glob("*/"):
+        store = ResumeStore(folder)
+        recorded = store.recorded_key() or ({"params_key": params, "code_fingerprint": "unrecorded"}
+                                            if folder.name == params else {})
+        other_code = recorded.get("params_key") == params and recorded.get("code_fingerprint") != code_fingerprint
+        if other_code and store.newest_mtime():
+            found.append((folder, str(recorded["code_fingerprint"])))
+    return sorted(found, key=lambda item: ResumeStore(item[0]).newest_mtime(), reverse=True)
 
 
 def resume_root(repo_root: Path) -> Path:
@@ -58,6 +85,7 @@ class ResumeStore:
         self.last = directory / "last.pt"
         self.previous = directory / "previous.pt"
         self.run_info = directory / "run.json"
+        self.key_info = directory / "key.json"  # what the key covers: {"params_key", "code_fingerprint"}
         self.progress = directory / "progress"  # copies of the progress grids, for a resume elsewhere
 
     def load(self, map_location: Any = "cpu") -> dict | None:
@@ -97,6 +125,23 @@ class ResumeStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def record_key(self, params: str, code_fingerprint: str) -> None:
+        """Remember the params-only key and the code fingerprint behind this folder's key (atomic write)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.key_info, json.dumps({"params_key": params, "code_fingerprint": code_fingerprint}) + "\n")
+
+    def recorded_key(self) -> dict[str, Any]:
+        """What `record_key` wrote ({} when nothing readable was recorded)."""
+        try:
+            recorded = json.loads(self.key_info.read_text())
+        except (OSError, ValueError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
+
+    def newest_mtime(self) -> float:
+        """When a checkpoint was last written here (0 without one)."""
+        return max((p.stat().st_mtime for p in (self.last, self.previous) if p.exists()), default=0.0)
 
     def recorded_run_id(self) -> str | None:
         """The MLflow run id a start with this key created (None when none was recorded)."""

@@ -31,11 +31,12 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), json.loads(str(z["meta"]))
 
 
-def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path) -> Tracker:
+def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path, tags: dict[str, str] | None = None) -> Tracker:
     """The tracker of a sample or evaluate stage, to be entered before the work starts: the MLflow run that
     `run_info` names (re-opened, or a new child of the training run when these params are not the ones it
-    logged), or a tracker that logs nothing when the pipeline has no MLflow run."""
+    logged), or a tracker that logs nothing when the pipeline has no MLflow run. `tags` are set on that run."""
     run_id = read_run_id(run_info)
     if not run_id:
         return Tracker()
-    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags={}, new_run_if_params_differ=True)
+    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags or {},
+                         new_run_if_params_differ=True)

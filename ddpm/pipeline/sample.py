@@ -19,6 +19,7 @@ from ddpm.core.generate import SamplerSettings, generate, network_evaluations
 from ddpm.core.images import grid_hwc, save_png, viewable
 from ddpm.core.runtime import configure_backends, configure_cpu_allocator
 from ddpm.errors import UserError
+from ddpm.pipeline.fingerprint import SAMPLE_CODE_DIFFERS_TAG, SAMPLE_CODE_TAG, training_fingerprint
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.run_files import pipeline_tracker, save_samples
 from ddpm.pipeline.trained_model import LoadedModel, check_steps, evaluation_set, load_model
@@ -74,6 +75,18 @@ def denoise_picture(lm: LoadedModel, settings: SamplerSettings, frames: int, see
     return viewable(grid_hwc(stacked, nrow=len(columns)))
 
 
+def training_code_record(lm: LoadedModel, checkpoint: Path) -> dict:
+    """Whether the checkpoint's recorded training code is the running code's: sampling other code's model is
+    allowed (sampling code may improve), but said once and recorded (samples/run.json, MLflow tags)."""
+    running = training_fingerprint()
+    differs = lm.train_code != running
+    if differs:
+        log.warning("%s was trained by other training code (fingerprint %s, running code %s): sampling it anyway",
+                    checkpoint, lm.train_code or "unrecorded", running)
+    return {"checkpoint_fingerprint": lm.train_code or "unrecorded", "running_fingerprint": running,
+            "differs": differs}
+
+
 def sample_stage(cfg: Config, paths: Layout) -> dict:
     """The sample stage: grid, denoising picture and evaluation set, logged into the training's MLflow run (or a
     child of it when these params are not the ones it logged); `samples/run.json` names that run for evaluate.
@@ -83,9 +96,11 @@ def sample_stage(cfg: Config, paths: Layout) -> dict:
     configure_backends(cfg.train.deterministic)
     lm = load_model(paths.ema, cfg, cfg.sample.precision)
     configure_cpu_allocator(lm.device)  # CPU: freed activations stay in the process (no page faults per call)
-    with pipeline_tracker(cfg, paths, paths.train_run) as tracker:
+    code = training_code_record(lm, paths.ema)
+    tags = {SAMPLE_CODE_TAG: code["running_fingerprint"], SAMPLE_CODE_DIFFERS_TAG: str(code["differs"]).lower()}
+    with pipeline_tracker(cfg, paths, paths.train_run, tags) as tracker:
         meta = _sample(cfg, paths, lm, tracker)
-        write_run_id(paths.sample_run, tracker.run_id)
+        write_run_id(paths.sample_run, tracker.run_id, {"train_code": code})
     return meta
 
 

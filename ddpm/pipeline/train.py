@@ -1,9 +1,10 @@
 """The training workflow (the `train` stage): data, model, EMA, optimiser, loop, checkpoints, tracking.
 
-`train(cfg, paths)` resumes from `.resume/<key>/` when an earlier run with the same training params was
-interrupted, checkpoints every `train.checkpoint_every` steps and on SIGINT/SIGTERM, and writes the
-stage's outputs (EMA checkpoint, metrics, loss curve, progress grids) at the end. On CPU a resumed run
-gives bit-identical EMA weights to an uninterrupted one.
+`train(cfg, paths)` resumes from `.resume/<key>/` when an earlier run with the same training params, data
+and training code (`ddpm.pipeline.fingerprint`) was interrupted (a finished one only writes its outputs
+again), checkpoints every `train.checkpoint_every` steps and on SIGINT/SIGTERM, and writes the stage's
+outputs (EMA checkpoint, metrics, loss curve, progress grids) at the end. On CPU a resumed run gives
+bit-identical EMA weights to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,16 +34,18 @@ from ddpm.core.runtime import (
     init_distributed,
     ranks_from_env,
 )
-from ddpm.core.seeding import rng_state, seed_everything, set_rng_state
+from ddpm.core.seeding import seed_everything
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
 from ddpm.data.prepared import PreparedData, check_class_count, load_prepared
 from ddpm.errors import Interrupted, UserError
 from ddpm.pipeline.devices import check_precision, resolve_device
+from ddpm.pipeline.fingerprint import TRAIN_CODE_TAG, TRAIN_COMMIT_TAG, TRAIN_DIRTY_TAG, code_identity
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.progression import progression_figure
-from ddpm.pipeline.resume import ResumeStore, resume_key, resume_root
+from ddpm.pipeline.resume import ResumeStore, checkpoints_of_other_code, params_key, resume_key, resume_root
+from ddpm.pipeline.train_state import Run
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
 from ddpm.tracking.names import TRAIN, final_train, grouped
 from ddpm.tracking.resources import ResourceMonitor
@@ -69,65 +71,6 @@ def _signal_flag():
 def lr_lambda(warmup: int):
     """Linear warm-up to the base LR over `warmup` steps, then constant (as in DDPM)."""
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
-@dataclass
-class Run:
-    """Everything the loop mutates; `payload()` / `restore()` make it a checkpoint and back."""
-
-    cfg: Config
-    ranks: Ranks
-    device: torch.device
-    model: torch.nn.Module  # the plain network
-    trained: torch.nn.Module  # what the loop calls: maybe compiled, maybe DDP
-    diffusion: GaussianDiffusion
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
-    generator: torch.Generator
-    batches: object
-    stats: StepStats
-    step: int = 0
-    plot_rows: list[dict[str, float]] = field(default_factory=list)  # one dict per log step, keyed by PLOT_COLUMNS
-    run_id: str | None = None
-    class_names: list[str] = field(default_factory=list)
-
-    def payload(self, data_hash: str) -> dict:
-        """The full training state as plain data (weights_only-loadable)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "config": self.cfg.training_dict(),
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "rng": rng_state(),
-            "generator": self.generator.get_state(),
-            "batches": self.batches.state_dict(),
-            "stats": self.stats.state_dict(),
-            "plot_rows": self.plot_rows,
-            "mlflow_run_id": self.run_id or "",
-            "data_hash": data_hash,
-        }
-
-    def restore(self, ckpt: dict) -> None:
-        """Load a payload written by `payload` (same config, so shapes match)."""
-        self.step = int(ckpt["step"])
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        self.generator.set_state(ckpt["generator"])
-        self.batches.load_state_dict(ckpt["batches"])
-        self.stats.load_state_dict(ckpt["stats"])
-        self.plot_rows = [dict(r) for r in ckpt["plot_rows"]]
-        self.run_id = ckpt["mlflow_run_id"] or None
 
 
 def _build(cfg: Config, ranks: Ranks, device: torch.device, data) -> Run:
@@ -180,33 +123,41 @@ def _warn_disk(cfg: Config, root: Path, model: torch.nn.Module) -> None:
 
 
 def train(cfg: Config, paths: Layout) -> dict:
-    """Run (or resume) training; write the stage outputs on rank 0; return the reproducible metrics."""
+    """Run (or resume) training; write the stage outputs on rank 0; return the reproducible metrics.
+
+    The steps: set up the process (`_setup_process`), load the data and build the run (`_build`), then,
+    holding the lock of the run's resume key (params, data and training code), continue its checkpoint or
+    start at step 0 (`_resume_or_start`).
+    """
     ranks = ranks_from_env()
+    device = _setup_process(cfg, ranks)
+    try:
+        data = load_prepared(paths.prepared)
+        check_class_count(data.class_names, cfg, "the prepared data")
+        run = _build(cfg, ranks, device, data)
+        run.class_names = list(data.class_names)
+        run.code = code_identity(paths.root)
+        store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash, run.code["fingerprint"]))
+        with store.exclusive() if ranks.is_main else nullcontext():
+            return _resume_or_start(run, store, paths, data)
+    finally:
+        close_distributed()
+
+
+def _setup_process(cfg: Config, ranks: Ranks) -> torch.device:
+    """Check the world size, set the process-wide torch flags, pick the device and join the process group."""
     _check_world(cfg, ranks)
     configure_backends(cfg.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting)
     device = resolve_device(cfg.train.device, ranks.local_rank)
     check_precision(cfg.train.precision, device)
     configure_cpu_allocator(device)  # CPU: freed activations stay in the process (no page faults per step)
     init_distributed(ranks, device)
-    try:
-        return _train(cfg, paths, ranks, device)
-    finally:
-        close_distributed()
+    return device
 
 
-def _train(cfg: Config, paths: Layout, ranks: Ranks, device: torch.device) -> dict:
-    data = load_prepared(paths.prepared)
-    check_class_count(data.class_names, cfg, "the prepared data")
-    run = _build(cfg, ranks, device, data)
-    run.class_names = list(data.class_names)
-    store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash))
-    with store.exclusive() if ranks.is_main else nullcontext():
-        return _train_locked(run, store, paths, data)
-
-
-def _train_locked(run: Run, store: ResumeStore, paths: Layout, data: PreparedData) -> dict:
-    """Resume (or start), open the MLflow run before any work, train, write the outputs; the run ends with
-    the tracker (FINISHED / KILLED / FAILED)."""
+def _resume_or_start(run: Run, store: ResumeStore, paths: Layout, data: PreparedData) -> dict:
+    """Continue the store's checkpoint (or start at step 0), open the MLflow run before any work, train, write
+    the outputs; the run ends with the tracker (FINISHED / KILLED / FAILED)."""
     cfg, ranks, device, data_hash = run.cfg, run.ranks, run.device, data.content_hash
     ckpt = store.load(map_location=device)
     if ckpt is not None:
@@ -215,17 +166,19 @@ def _train_locked(run: Run, store: ResumeStore, paths: Layout, data: PreparedDat
             log.info("resuming from %s at step %d", store.dir, run.step)
             _restore_progress(store, paths)
     elif ranks.is_main:
+        _say_why_not_resumed(store, params_key(cfg, data_hash), run.code["fingerprint"])
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
         shutil.rmtree(store.progress, ignore_errors=True)
     if not ranks.is_main:
         _loop(run, store, None, paths, data_hash)
         return {}
+    store.record_key(params_key(cfg, data_hash), run.code["fingerprint"])
     _warn_disk(cfg, paths.root, run.model)
     # killed before its first checkpoint: continue the MLflow run (and TensorBoard dir) that start created
     orphan = store.recorded_run_id() if ckpt is None else None
     run_id = run.run_id or orphan
     resume_step = run.step if ckpt is not None else (0 if orphan else None)
-    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=_tags(data_hash, device),
+    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=_tags(data_hash, device, run.code),
                        resume_step=resume_step) as tracker:
         run.run_id = tracker.run_id
         tracker.log_dataset(cfg, paths.prepared, data_hash, len(data.train_labels), len(data.eval_labels),
@@ -235,9 +188,21 @@ def _train_locked(run: Run, store: ResumeStore, paths: Layout, data: PreparedDat
         return _finish(run, store, tracker, paths, timing)
 
 
-def _tags(data_hash: str, device: torch.device) -> dict[str, str]:
+def _say_why_not_resumed(store: ResumeStore, params: str, fingerprint: str) -> None:
+    """One line when the same params and data have a checkpoint made by other training code (not resumed)."""
+    other = checkpoints_of_other_code(store.dir.parent, params, fingerprint)
+    if other:
+        folder, old = other[0]
+        log.warning("training code changed since the checkpoint in %s (fingerprint %s -> %s): training from step 0",
+                    folder, old, fingerprint)
+
+
+def _tags(data_hash: str, device: torch.device, code: dict) -> dict[str, str]:
     return {
         "data_hash": data_hash,
+        TRAIN_CODE_TAG: code["fingerprint"],
+        TRAIN_COMMIT_TAG: code["git_commit"],
+        TRAIN_DIRTY_TAG: str(code["git_dirty"]).lower(),
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
         "device": device_description(device),
@@ -363,6 +328,8 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     save_checkpoint(paths.ema, {
         "format_version": FORMAT_VERSION, "config": run.cfg.training_dict(), "step": run.step,
         "ema": run.ema.state_dict(), "class_names": run.class_names,
+        # the fingerprint only: with a git commit in it, the same weights would be a new file at each commit
+        "code": {"fingerprint": run.code["fingerprint"]},
     })
     last = run.plot_rows[-1] if run.plot_rows else {"loss": float("nan")}
     metrics = {
@@ -371,11 +338,12 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
         "images_seen": run.step * run.cfg.train.batch_size,
         "bad_steps": int(run.stats.bad_total.item()),
         "timing": {k: round(v, 3) for k, v in timing.items()},
+        "code": run.code,
     }
     write_metrics(paths.train_metrics, metrics)
-    write_run_id(paths.train_run, run.run_id)
+    write_run_id(paths.train_run, run.run_id, {"code": run.code})
     if tracker is not None:
-        tracker.log_final(final_train({k: v for k, v in metrics.items() if k != "timing"}))
+        tracker.log_final(final_train({k: v for k, v in metrics.items() if k not in ("timing", "code")}))
         tracker.log_model(paths.ema, run.cfg, registered_name=run.cfg.tracking.register_model)
     _write_progression(run, tracker, paths)
     return metrics

@@ -38,6 +38,7 @@ class LoadedModel:
     class_names: list[str]
     device: torch.device
     step: int  # training steps behind these weights
+    train_code: str = ""  # the fingerprint of the training code that made it ("" when the checkpoint has none)
 
 
 def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> LoadedModel:
@@ -61,7 +62,8 @@ def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> L
     if cfg.sample.compile:
         model = torch.compile(model)
     names = ckpt.get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
-    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device, int(ckpt["step"]))
+    train_code = str((ckpt.get("code") or {}).get("fingerprint", ""))
+    return LoadedModel(train_cfg, model.eval(), diffusion, list(names), device, int(ckpt["step"]), train_code)
 
 
 def check_steps(lm: LoadedModel, steps: int, name: str) -> None:

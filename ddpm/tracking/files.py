@@ -65,6 +65,7 @@ def read_run_id(run_info: Path) -> str | None:
     return json.loads(run_info.read_text()).get("mlflow_run_id") or None
 
 
-def write_run_id(run_info: Path, run_id: str | None) -> None:
-    """Record the MLflow run a stage logged into ("" when none), for the stage after it."""
-    write_text(run_info, json.dumps({"mlflow_run_id": run_id or ""}, indent=2) + "\n")
+def write_run_id(run_info: Path, run_id: str | None, extra: Mapping[str, Any] | None = None) -> None:
+    """Record the MLflow run a stage logged into ("" when none), for the stage after it, with `extra` fields
+    (e.g. the code that made the stage's outputs)."""
+    write_text(run_info, json.dumps({"mlflow_run_id": run_id or "", **(extra or {})}, indent=2) + "\n")
