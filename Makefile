@@ -19,11 +19,11 @@ CIFAR_DATA := $(if $(CIFAR),-S data.dataset=folder -S data.folder=$(CIFAR))
 CIFAR_GUIDE := $(if $(CIFAR_GUIDANCE),-S sample.guidance_scale=$(CIFAR_GUIDANCE))
 CIFAR_OPTS := $(CIFAR_DATA) $(if $(CIFAR_STEPS),-S train.steps=$(CIFAR_STEPS)) $(CIFAR_GUIDE)
 
-# Ablations through DVC's own queue (README *Results*): each grid point is a queued `dvc exp run` in a
+# Ablations through DVC's own queue (docs/ablations.md): each grid point is a queued `dvc exp run` in a
 # temporary copy, one MLflow run each in the experiment named by tracking.experiment; `ablate-guidance` and
 # `ablate-samplers` re-sample the cached training of the quickstart recipe (only the sample and evaluate
 # stages run). Each target waits for the queue; `python -m ddpm compare --experiment ablate-quickstart
-# --markdown ...` prints the tables (the README's *Results* gives the exact commands).
+# --markdown ...` prints the tables (docs/ablations.md gives the exact commands).
 ABLATE_DDIM25   := -S sample.sampler=ddim -S sample.spacing=time -S sample.steps=25
 ABLATE_GUIDANCE ?= 1.0
 ABLATE_JOBS     ?= 1
@@ -115,7 +115,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
 # The CPU check: the reference network in fp32 against diffusers, both layouts, 4 interleaved rounds of one
-# step each (20 timed calls per network and layout; about 4 minutes on a 2-core AVX2 CPU, README).
+# step each (20 timed calls per network and layout; about 4 minutes on a 2-core AVX2 CPU, docs/performance.md).
 bench: venv
 	$(BIN)/python -m ddpm bench --reference --vs diffusers --device cpu --precision fp32 --batch-size 16 \
 		--steps 1 --warmup 1 --rounds 4 --channels-last both

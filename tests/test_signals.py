@@ -26,7 +26,8 @@ from ddpm.data.datasets import prepare
 from ddpm.errors import Interrupted
 from ddpm.evaluation import metrics
 from ddpm.evaluation.metrics import feature_statistics, frechet_distance
-from ddpm.pipeline.evaluate import classifier_stage, fid_stats_stage
+from ddpm.pipeline.classifier import classifier_stage
+from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
