@@ -248,7 +248,10 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     import ddpm.pipeline.evaluate as evaluate_mod
     from ddpm.config import load_config
     from ddpm.data.datasets import prepare
-    from ddpm.pipeline.sample import load_samples, sample_stage
+    from ddpm.pipeline.classifier import classifier_stage
+    from ddpm.pipeline.fid_stats import fid_stats_stage
+    from ddpm.pipeline.run_files import load_samples
+    from ddpm.pipeline.sample import sample_stage
     from ddpm.pipeline.train import train
 
     params = tiny_params(train={"steps": 2, "sample_every": 0},
@@ -260,8 +263,8 @@ def test_pipeline_fid_and_sweep_load_the_inception_once(repo, random_weights, mo
     cfg = load_config(repo / "params.yaml")
     prepare(cfg, repo / "data/prepared")
     paths = Layout.under(repo)
-    evaluate_mod.classifier_stage(cfg, paths)
-    evaluate_mod.fid_stats_stage(cfg, paths)
+    classifier_stage(cfg, paths)
+    fid_stats_stage(cfg, paths)
     train(cfg, Layout.under(repo))
     sample_stage(cfg, Layout.under(repo))
     built = []

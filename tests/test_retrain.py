@@ -65,24 +65,24 @@ def _retrained_from_zero(stderr: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_training_code_edit_retrains_from_step_0_and_log_every_leaves_train_up_to_date(dvc_repo: Path):  # noqa: F811
+def test_a_training_code_edit_retrains_from_step_0_and_log_every_leaves_train_up_to_date(dvc_repo: Path, procs):  # noqa: F811
     import mlflow
 
     repo = dvc_repo  # tiny params: 6 steps, train/loss logged every 2
-    _run([*DVC, "repro", "train"], repo)
+    _run(procs, [*DVC, "repro", "train"], repo)
     first_weights, first_run = _ema_weights(repo), _run_id(repo)
     assert _loss_steps(repo, first_run) == [2, 4, 6]
 
     # (d) tracking.log_every cannot change train's outputs: the stage stays up to date
     _set_params(repo, tracking={"log_every": 3})
-    status = _run([*DVC, "status", "train"], repo).stdout
+    status = _run(procs, [*DVC, "status", "train"], repo).stdout
     assert "up to date" in status, status
-    repro = _run([*DVC, "repro", "train"], repo)
+    repro = _run(procs, [*DVC, "repro", "train"], repo)
     assert "Running stage 'train'" not in repro.stdout, repro.stdout
 
     # (a) the learning-rate warm-up edited: DVC re-runs train, which must not resume the finished checkpoint
     _edit_warmup(repo)
-    repro = _run([*DVC, "repro", "train"], repo)
+    repro = _run(procs, [*DVC, "repro", "train"], repo)
     assert "Running stage 'train'" in repro.stdout
     assert _retrained_from_zero(repro.stderr), repro.stderr[-2000:]
     second_run = _run_id(repo)
@@ -94,7 +94,7 @@ def test_a_training_code_edit_retrains_from_step_0_and_log_every_leaves_train_up
     # which code made it: fingerprint and git state in the metrics, run info and the MLflow run
     code = json.loads((repo / "metrics" / "train.json").read_text())["code"]
     assert code == json.loads((repo / "models" / "run.json").read_text())["code"]
-    head = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    head = _run(procs, ["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert code["git_commit"] == head and code["git_dirty"] is True  # the edit is not committed
     assert load_checkpoint(repo / "models" / "ema.pt")["code"] == {"fingerprint": code["fingerprint"]}
     tags = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").get_run(second_run).data.tags
@@ -106,7 +106,7 @@ def test_a_training_code_edit_retrains_from_step_0_and_log_every_leaves_train_up
 def test_a_run_sigkilled_mid_training_then_a_code_edit_retrains_from_step_0(dvc_repo: Path, procs):  # noqa: F811
     repo = dvc_repo
     _set_params(repo, train={"steps": 40, "checkpoint_every": 5, "sample_every": 0})
-    _run([*DVC, "repro", "prepare"], repo)
+    _run(procs, [*DVC, "repro", "prepare"], repo)
     proc = procs.popen([*DVC, "repro", "train"], cwd=repo, env=_env(), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
@@ -120,7 +120,7 @@ def test_a_run_sigkilled_mid_training_then_a_code_edit_retrains_from_step_0(dvc_
     killed_run = json.loads((killed_dir / "run.json").read_text())["mlflow_run_id"]
 
     _edit_warmup(repo)
-    repro = _run([*DVC, "repro", "train"], repo)
+    repro = _run(procs, [*DVC, "repro", "train"], repo)
     assert _retrained_from_zero(repro.stderr), repro.stderr[-2000:]
     assert str(killed_dir) in repro.stderr  # the one line names the checkpoint it does not resume
     new_run = _run_id(repo)

@@ -14,12 +14,12 @@ from test_pipeline import _run, dvc_repo  # noqa: F401 - dvc_repo is a fixture
 
 
 @pytest.mark.slow
-def test_an_unconditional_model_runs_the_whole_dvc_pipeline(dvc_repo: Path):  # noqa: F811
+def test_an_unconditional_model_runs_the_whole_dvc_pipeline(dvc_repo: Path, procs):  # noqa: F811
     params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
     params["model"]["num_classes"] = 0
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "commit", "-qam", "unconditional"], dvc_repo)
-    _run([sys.executable, "-m", "dvc", "repro"], dvc_repo)
+    _run(procs, ["git", "commit", "-qam", "unconditional"], dvc_repo)
+    _run(procs, [sys.executable, "-m", "dvc", "repro"], dvc_repo)
 
     metrics = json.loads((dvc_repo / "metrics/eval.json").read_text())
     assert metrics["class_accuracy"].startswith("skipped: the model is unconditional")
@@ -33,5 +33,5 @@ def test_an_unconditional_model_runs_the_whole_dvc_pipeline(dvc_repo: Path):  # 
     assert "class_accuracy_per_class" not in metrics
     with __import__("numpy").load(dvc_repo / "samples/samples.npz") as z:
         assert (z["labels"] == -1).all() and len(z["images"]) == 20  # no labels, by design
-    shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], dvc_repo).stdout
+    shown = _run(procs, [sys.executable, "-m", "dvc", "metrics", "show"], dvc_repo).stdout
     assert "fd_classifier_20" in shown
