@@ -68,7 +68,7 @@ def pipeline(tmp_path_factory, data_stages):
 def test_experiment_opens_on_the_runs_table(pipeline):
     exp = pipeline.client.get_experiment(pipeline.run.info.experiment_id)
     assert exp.name == "users"
-    # the tag MLflow 3's UI reads to choose the runs table over the GenAI overview
+    # MLflow 3's experiment kind: model training (the UI's kind selector shows it)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 

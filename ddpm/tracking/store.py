@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 5  # attempts for a write the sqlite store rejected (e.g. "database is locked")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says it holds model training
-# (the UI's experiment-kind selector writes the same tag); with it, the runs table is the first page
+# The experiment kind MLflow 3's UI offers (its experiment-kind selector writes the same tag). In MLflow 3.17.2
+# it does not change the landing page (a headless browser showed the GenAI overview either way), so
+# `make mlflow-ui` prints each experiment's runs-table address (`#/experiments/<id>/runs`) instead
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 KIND_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
@@ -129,7 +130,7 @@ def open_store(uri: str, experiment: str | None) -> tuple[MlflowClient, str | No
 
 
 def mark_experiment_kind(client: MlflowClient, exp: Any) -> None:
-    """Tag an experiment as model training (so `mlflow ui` opens its runs table) unless it has a kind."""
+    """Tag an experiment as model training (MLflow's own experiment kind) unless it has a kind."""
     if EXPERIMENT_KIND_TAG not in exp.tags:
         retrying("set_experiment_tag", client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG,
                  KIND_TAGS[EXPERIMENT_KIND_TAG])
