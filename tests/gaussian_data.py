@@ -8,6 +8,8 @@ so a correct sampler driven by it must reproduce N(mu_y, sigma_y^2) up to its di
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -87,3 +89,12 @@ def run(diffusion: GaussianDiffusion, model_fn, shape: tuple[int, ...], y: torch
     x = sample(diffusion, model_fn, shape, y, sampler, settings.timesteps(diffusion),  # type: ignore[arg-type]
                torch.Generator().manual_seed(seed), callback=keep, **settings.options())
     return x, frames
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The sampler loops run on tiny tensors: one thread avoids OpenMP spinning on a shared, busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -3,14 +3,13 @@ noisy) and agreement with diffusers' DPMSolverMultistepScheduler."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from gaussian_data import (
+from gaussian_data import (  # noqa: F401 - one_thread is a fixture
     MU,
     gaussian_diffusion,
     labels,
+    one_thread,
     optimal_model,
     per_class,
     run,
@@ -19,13 +18,7 @@ from gaussian_data import (
 
 from ddpm.core.samplers import dpm_solver_sample, guided, respaced_timesteps
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

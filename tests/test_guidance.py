@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from gaussian_data import MU, N, gaussian_diffusion, labels, optimal_model, per_class, run
+from gaussian_data import (  # noqa: F401 - one_thread is a fixture
+    MU,
+    N,
+    gaussian_diffusion,
+    labels,
+    one_thread,
+    optimal_model,
+    per_class,
+    run,
+)
 
 from ddpm.core.samplers import edm_sigma, evaluation_timesteps, guidance_flags, guided
 
@@ -15,12 +22,7 @@ NULL_MU = torch.cat([MU[:2], torch.zeros(1, 8) + 0.1])  # (3, D); label 2 is the
 EQUAL_SIGMA = torch.full((3,), 0.2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("w", [0.5, 2.0])

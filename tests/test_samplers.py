@@ -3,11 +3,19 @@ clipping, and the mechanics every sampler shares: the timesteps, the callback, s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from gaussian_data import MU, SIGMA, assert_matches_data, gaussian_diffusion, labels, optimal_model, per_class, run
+from gaussian_data import (  # noqa: F401 - one_thread is a fixture
+    MU,
+    SIGMA,
+    assert_matches_data,
+    gaussian_diffusion,
+    labels,
+    one_thread,
+    optimal_model,
+    per_class,
+    run,
+)
 
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.samplers import (
@@ -22,13 +30,7 @@ from ddpm.core.samplers import (
 SAMPLERS = ["ddpm", "ddim", "dpm_solver"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # the loops run on tiny tensors: one thread avoids OpenMP spinning on a shared, busy CPU
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _chain_std(diffusion: GaussianDiffusion, sigma: float) -> float:
