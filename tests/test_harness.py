@@ -31,8 +31,20 @@ def test_tracking_and_dvc_variables_are_cleared(tmp_path):
     assert store_root(tmp_path) == tmp_path.resolve()
 
 
+def _wait_exec(pid):
+    """Until bash has exec'd into `dvc ...`: what the leak checks look for (a slow machine may not be there yet)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 60  # a last guard
+    while psutil.Process(pid).cmdline()[:1] != ["dvc"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_a_child_left_running(tmp_path):
     proc = subprocess.Popen(["bash", "-c", "exec -a dvc sleep 300"], start_new_session=True)
+    _wait_exec(proc.pid)
     (Path(os.environ["MARKERS"]) / "child").write_text(str(proc.pid))
 
 
@@ -40,6 +52,7 @@ def test_a_detached_daemon_left_working_in_its_tmp_path(tmp_path):
     # like a `dvc queue start` worker: its parent exits, so init adopts it; only its cwd tells whose it is
     out = subprocess.run(["bash", "-c", "(exec -a dvc sleep 300 </dev/null >/dev/null 2>&1) & echo $!"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    _wait_exec(int(out.stdout))
     (Path(os.environ["MARKERS"]) / "daemon").write_text(out.stdout.strip())
 '''
 
