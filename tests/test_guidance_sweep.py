@@ -8,10 +8,7 @@ import pytest
 from conftest import tiny_params
 
 from ddpm.config import Config, ConfigError
-from ddpm.data.datasets import prepare
-from ddpm.pipeline.classifier import classifier_stage
 from ddpm.pipeline.evaluate import evaluate_stage
-from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
@@ -20,15 +17,13 @@ NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 METRICS = ["class_accuracy", "fd_classifier", "precision", "recall", "pixel_mean_rel_error", "pixel_std_rel_error"]
 
 
-def test_the_sweep_crosses_scales_with_intervals_and_an_empty_interval_is_the_unguided_row(tmp_path):
+def test_the_sweep_crosses_scales_with_intervals_and_an_empty_interval_is_the_unguided_row(tmp_path, data_stages):
     params = tiny_params(train={**tiny_params()["train"], "steps": 2, "sample_every": 0}, tracking=NO_TRACKING,
                          evaluate={**tiny_params()["evaluate"], "guidance_sweep": [0.0, 2.0],
                                    "guidance_interval_sweep": [None, [0.0, 0.0]]})
     cfg = Config.from_dict(params)
     paths = Layout.under(tmp_path)
-    prepare(cfg, paths.prepared)
-    classifier_stage(cfg, paths)
-    fid_stats_stage(cfg, paths)
+    data_stages(tmp_path, cfg)
     train(cfg, paths)
     sample_stage(cfg, paths)
     evaluate_stage(cfg, paths)

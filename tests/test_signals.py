@@ -22,12 +22,9 @@ import yaml
 from conftest import tiny_params
 
 from ddpm.config import Config
-from ddpm.data.datasets import prepare
 from ddpm.errors import Interrupted
 from ddpm.evaluation import metrics
 from ddpm.evaluation.metrics import feature_statistics, frechet_distance
-from ddpm.pipeline.classifier import classifier_stage
-from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
@@ -56,8 +53,9 @@ def _runs(repo: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def trained_pipeline(tmp_path_factory) -> Path:
-    """One repo where prepare, classifier, fid_stats, train and sample ran (built once for this module)."""
+def trained_pipeline(tmp_path_factory, data_stages) -> Path:
+    """One repo where prepare, classifier, fid_stats (the session's, copied), train and sample ran (built once
+    for this module)."""
     root = tmp_path_factory.mktemp("signals") / "repo"
     root.mkdir()
     with pytest.MonkeyPatch.context() as mp:
@@ -67,9 +65,7 @@ def trained_pipeline(tmp_path_factory) -> Path:
         cfg = Config.from_dict(_params())
         _write(root, _params())
         paths = Layout.under(root)
-        prepare(cfg, paths.prepared)
-        classifier_stage(cfg, paths)
-        fid_stats_stage(cfg, paths)
+        data_stages(root, cfg)
         train(cfg, paths)
         sample_stage(cfg, paths)
     return root
