@@ -106,13 +106,15 @@ docs-figures:
 	$(BIN)/python -c "from PIL import Image; Image.open('samples/grid.png').save('docs/cifar_cpu_grid.png', optimize=True)"  # already enlarged to >= 256 px
 	@ls -l docs/cifar_cpu_progression.png docs/cifar_cpu_grid.png
 
+# -n auto: one pytest-xdist worker per usable core (tests/conftest.py); loadgroup keeps a module whose fixtures
+# are module-scoped on one worker. Most tests wait on subprocesses (dvc, stages), so one process used one core.
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 test-fast: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
 
 # The CPU check: the reference network in fp32 against diffusers, both layouts, 4 interleaved rounds of one
 # step each (20 timed calls per network and layout; about 4 minutes on a 2-core AVX2 CPU, docs/performance.md).

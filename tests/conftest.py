@@ -163,8 +163,16 @@ def _no_process_left(request):
 @pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish, which tears the fixtures down
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a tool process it started is still alive: a descendant of pytest, or (detached daemons
-    such as DVC queue workers are re-parented to init) one working under the session's basetemp. End them."""
-    left = stray_processes(session.config.stash.get(_BASETEMP, None))
+    such as DVC queue workers are re-parented to init) one working under the session's basetemp. End them.
+
+    Under pytest-xdist the controller checks, after its workers have ended, under its basetemp (which holds
+    the workers' own): a worker's failing exit status would not reach the run's."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker (not its environment: a child pytest inherits it)
+        return
+    basetemp = session.config.stash.get(_BASETEMP, None)
+    if basetemp is None and _is_xdist_controller(session.config):
+        basetemp = session.config._tmp_path_factory.getbasetemp()  # noqa: SLF001 (pytest's own, as xdist uses it)
+    left = stray_processes(basetemp)
     if not left:
         return
     lines = describe(left)
@@ -186,19 +194,44 @@ def pytest_sessionfinish(session, exitstatus):
 
 def _stop_on_sigterm(signum, frame):
     """SIGTERM (a CI time-out, `kill`) stops the run like Ctrl-C: KeyboardInterrupt, so pytest still runs the
-    teardowns that end the tests' process groups. Later SIGTERMs are ignored until those are done."""
+    teardowns that end the tests' process groups. Later SIGTERMs are ignored until those are done.
+
+    Under pytest-xdist nothing more is needed: the interrupted controller shuts its workers down, and execnet
+    interrupts each one (SIGINT) whose test does not finish, so their teardowns run too (tests/test_harness.py)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _is_xdist_controller(config) -> bool:
+    return config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (`make test`): one worker per core this process may use (`taskset` is honoured; xdist's own
+    count, psutil's physical cores, is not), at most 8: each worker builds the session's shared setup."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def _share_the_cores(config) -> None:
+    """In an xdist worker, torch (and the stage processes, via OMP_NUM_THREADS) use this worker's share of the
+    cores: N workers each with every core's threads oversubscribe the machine (OpenMP threads spin-wait)."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.stash[_PREVIOUS_SIGTERM] = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    _share_the_cores(config)
 
 
 def pytest_unconfigure(config):
     previous = config.stash.get(_PREVIOUS_SIGTERM, None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
 
 
 # --------------------------------------------------------------------------------- shared expensive setup

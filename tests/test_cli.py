@@ -12,6 +12,8 @@ from conftest import tiny_params
 from ddpm.cli import main
 from ddpm.core.checkpoint import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.xdist_group("cli")  # under `-n`: one worker builds its module fixtures once
+
 NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
 
 

@@ -25,6 +25,8 @@ from ddpm.evaluation.fid import (
 )
 from ddpm.pipeline.layout import Layout
 
+pytestmark = pytest.mark.xdist_group("fid")  # under `-n`: one worker builds its module fixtures once
+
 
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory) -> Path:

@@ -80,8 +80,10 @@ def _child_run(tmp_path: Path, test_source: str) -> tuple[list[str], dict, Path]
     for name in ("conftest.py", "processes.py"):
         shutil.copy(HERE / name, suite / name)
     (suite / "test_scratch.py").write_text(test_source)
-    env = {**os.environ, "MARKERS": str(markers), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
-           "MLFLOW_RUN_ID": "0123", "DVC_ROOT": str(tmp_path / "users-repo"), "DVC_EXP_NAME": "users-exp"}
+    outer = ("PYTEST_XDIST_", "PYTEST_CURRENT_TEST")  # this run's own (an xdist worker's), not the child's
+    env = {k: v for k, v in os.environ.items() if not k.startswith(outer)}
+    env |= {"MARKERS": str(markers), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+            "MLFLOW_RUN_ID": "0123", "DVC_ROOT": str(tmp_path / "users-repo"), "DVC_EXP_NAME": "users-exp"}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--basetemp", str(tmp_path / "bt"),
            "--rootdir", str(suite), str(suite)]
     return cmd, env, markers
@@ -94,10 +96,15 @@ def _gone(pid: int) -> bool:
         return True
 
 
+# `make test` runs the suite under pytest-xdist (`-n auto`): a controller process and its workers
+RUNNERS = pytest.mark.parametrize("runner", [[], ["-n", "2"]], ids=["serial", "xdist"])
+
+
 @pytest.mark.slow
-def test_cleared_variables_and_leaked_processes_fail_the_run_and_are_ended(procs, tmp_path):
+@RUNNERS
+def test_cleared_variables_and_leaked_processes_fail_the_run_and_are_ended(procs, tmp_path, runner):
     cmd, env, markers = _child_run(tmp_path, _ENV_AND_LEAKS)
-    out = procs.run(cmd, timeout=300, env=env, cwd=tmp_path)
+    out = procs.run([*cmd, *runner], timeout=300, env=env, cwd=tmp_path)
     report = out.stdout + out.stderr
     child, daemon = (int((markers / name).read_text()) for name in ("child", "daemon"))
     assert out.returncode == 1, report
@@ -113,11 +120,12 @@ def test_cleared_variables_and_leaked_processes_fail_the_run_and_are_ended(procs
 
 
 @pytest.mark.slow
+@RUNNERS
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stopping_the_test_run_ends_the_processes_its_tests_started(procs, tmp_path, signum):
+def test_stopping_the_test_run_ends_the_processes_its_tests_started(procs, tmp_path, signum, runner):
     cmd, env, markers = _child_run(tmp_path, _LONG_CHILD)
     with open(tmp_path / "out.txt", "w") as log:
-        run = procs.popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        run = procs.popen([*cmd, *runner], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300  # a last guard; normally the child starts within seconds
     while not (markers / "child").exists():
         assert run.poll() is None, (tmp_path / "out.txt").read_text()

@@ -27,6 +27,8 @@ from ddpm.tracking.files import read_run_id
 from ddpm.tracking.names import GROUPS
 from ddpm.tracking.store import tracking_uri
 
+pytestmark = pytest.mark.xdist_group("mlflow_model")  # under `-n`: one worker builds its module fixtures once
+
 ROOT = Path(__file__).resolve().parents[1]
 _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "DVC_ROOT", "DVC_EXP_NAME",
         "DVC_EXP_BASELINE_REV")

@@ -30,6 +30,8 @@ from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
 from ddpm.tracking.signals import REDELIVER_S, StopSignals
 
+pytestmark = pytest.mark.xdist_group("signals")  # under `-n`: one worker builds its module fixtures once
+
 TRACKING = {"experiment": "life", "log_every": 1, "system_metrics": False, "tensorboard": True}
 ENV_VARS = ("DVC_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
 STOP_WITHIN_S = 10.0  # issue 20's requirement, from the signal to the process's exit

@@ -28,6 +28,8 @@ from ddpm.tracking.lineage import git_tags
 from ddpm.tracking.store import tracking_uri
 from ddpm.tracking.tracker import Tracker
 
+pytestmark = pytest.mark.xdist_group("tracking")  # under `-n`: one worker builds its module fixtures once
+
 _ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_ENABLE_ASYNC_LOGGING",
         "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 
