@@ -119,7 +119,9 @@ def launch(cfg: Config, root: Path) -> dict:
 
 def _worker_error(err: ChildFailedError) -> BaseException:
     """The stage's error for a failed worker: the first failing rank and its exception text (or signal)."""
-    rank, failure = err.get_first_failure()
+    # the root cause first: a worker killed by a signal (its peers then fail on the broken connection), then
+    # the earliest (elastic's timestamps are whole seconds)
+    rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp, item[0]))
     message = failure.message
     if isinstance(message, dict):  # an error file written by `record`: {"message": "Type: text", ...}
         message = message.get("message", "")
