@@ -123,19 +123,25 @@ def _workers(leader: psutil.Process, count: int, timeout: float = 300) -> tuple[
     raise AssertionError("the train stage's workers did not start")
 
 
-def _wait_for_checkpoint(repo: Path, timeout: float = 300) -> None:
+def _newest_checkpoint(repo: Path) -> float:
+    return max((p.stat().st_mtime_ns for p in (repo / ".resume").glob("*/last.pt")), default=0)
+
+
+def _wait_for_checkpoint(repo: Path, after: float, timeout: float = 300) -> None:
+    """Until a checkpoint newer than `after` (this run's first) is written."""
     deadline = time.monotonic() + timeout
-    while not list((repo / ".resume").glob("*/last.pt")):
+    while _newest_checkpoint(repo) <= after:
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.02)
 
 
 def _stopped(procs, repo: Path, stop) -> tuple[str, float]:
     """Start `dvc repro train`, call `stop(agent, workers)` at the first checkpoint; (stderr, seconds to fail)."""
+    before = _newest_checkpoint(repo)
     dvc = procs.popen([*DVC, "repro", "train"], cwd=repo, env=tool_env(), stderr=subprocess.PIPE,
                       text=True)
     agent, workers = _workers(psutil.Process(dvc.pid), 2)
-    _wait_for_checkpoint(repo)
+    _wait_for_checkpoint(repo, before)
     t0 = time.monotonic()
     stop(agent, workers)
     _, err = dvc.communicate(timeout=120)
