@@ -4,6 +4,7 @@ for real: `dvc repro` in temporary git + DVC repositories, gloo workers on the C
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -21,13 +22,13 @@ from dvc_repos import run_ok as _run
 from ddpm.config import Config
 from ddpm.core.checkpoint import load_checkpoint
 from ddpm.data.datasets import prepare
-from ddpm.pipeline.launch import _free_port, needs_launcher
+from ddpm.errors import UserError
+from ddpm.pipeline.launch import _free_port, _worker_error, needs_launcher
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.train import train
 
 DVC = [sys.executable, "-m", "dvc"]
 LOSSES = ["loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm"]
-pytestmark = pytest.mark.slow
 
 
 def _set_train(repo: Path, **train) -> None:
@@ -91,6 +92,7 @@ def test_one_process_and_a_torchrun_worker_never_launch(monkeypatch):
     assert not needs_launcher(two)
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_through_dvc_repro_train_like_one_process(dvc_repo_with_data: Path, procs, one_process):
     """Catches: workers that do not split the global batch (other losses), a loss logged from rank 0's shard
     only, ranks drawing other noise/timesteps, and a second MLflow run opened by rank 1."""
@@ -151,6 +153,7 @@ def _stopped(procs, repo: Path, stop) -> tuple[str, float]:
     return err, took
 
 
+@pytest.mark.slow
 def test_sigterm_and_a_killed_worker_stop_the_stage_and_reruns_resume(dvc_repo_with_data: Path, procs, one_process):
     """SIGTERM to the stage: every worker checkpoints at the same step and the stage exits 143 within seconds,
     its MLflow run KILLED. A SIGKILLed worker: the stage fails within a minute (no hang on the dead peer), its
@@ -185,6 +188,7 @@ def test_sigterm_and_a_killed_worker_stop_the_stage_and_reruns_resume(dvc_repo_w
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued twice
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_train_like_one_process(dvc_repo_with_data: Path, tmp_path: Path, procs,
                                                          one_process):
     """Two launchers (the stage on two "nodes", one worker each) meet in a c10d rendezvous on 127.0.0.1:
@@ -205,3 +209,24 @@ def test_two_nodes_on_one_machine_train_like_one_process(dvc_repo_with_data: Pat
     want_losses, want_weights = one_process(6)
     _assert_same_history(_losses(head[0]), want_losses)
     _assert_same_weights(head[0], want_weights)
+
+
+def test_the_stage_error_names_the_root_cause_rank_and_its_exception_text(tmp_path):
+    """elastic's ChildFailedError -> the stage's one line: the rank killed by a signal before a peer that failed on
+    the broken connection, else the recorded exception's text (UserError prefix dropped). Catches the generic
+    'ChildFailedError' text (or a traceback) reaching the user instead of the worker's own message."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def recorded(rank: int, text: str) -> ProcessFailure:
+        path = tmp_path / f"error-{rank}.json"
+        path.write_text(json.dumps({"message": {"message": text, "extraInfo": {"py_callstack": "...",
+                                                                               "timestamp": "1"}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=1 if rank else 2, error_file=str(path))
+
+    only = _worker_error(ChildFailedError("worker", {0: recorded(0, "UserError: train.lr is too large; lower it")}))
+    assert isinstance(only, UserError)
+    assert str(only).startswith("training worker rank 0 failed (exit code 2): train.lr is too large; lower it;")
+    killed = ProcessFailure(local_rank=1, pid=4242, exitcode=-9, error_file=str(tmp_path / "none.json"))
+    both = _worker_error(ChildFailedError("worker", {0: recorded(0, "RuntimeError: [gloo] Connection closed"),
+                                                     1: killed}))
+    assert "training worker rank 1 failed" in str(both) and "SIGKILL" in str(both) and "PID 4242" in str(both)
