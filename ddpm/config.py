@@ -151,6 +151,24 @@ class TrainConfig(Section):
     progress_per_class: int = Field(8, ge=1)
     checkpoint_every: int = Field(5000, ge=1)
     max_bad_steps: int = Field(10, ge=0)  # consecutive non-finite steps tolerated before stopping
+    # how many training processes the stage starts (PyTorch's elastic launcher, ddpm.pipeline.launch): not in
+    # `training_dict()` (LAUNCH_KEYS); the world size the workers really train with is in the resume key
+    nproc_per_node: int = Field(1, ge=1)  # workers on this node (one per GPU); 1 with nnodes 1: no launcher
+    nnodes: int = Field(1, ge=1)  # nodes joining the c10d rendezvous; > 1 needs rdzv_endpoint
+    rdzv_endpoint: str | None = Field(None, min_length=1)  # HOST:PORT of the rendezvous; null: 127.0.0.1, a free port
+    rdzv_id: str = Field("ddpm", min_length=1)  # the job's name in the rendezvous (the same on every node)
+
+    @model_validator(mode="after")
+    def _nodes_need_an_endpoint(self) -> TrainConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint: HOST:PORT of the rendezvous, "
+                             "the same on every node (HOST: the first node's address)")
+        return self
+
+
+# the TrainConfig fields that say how many processes train, not what they train: out of `training_dict()`
+# (checkpoints, models/ema.pt, the params part of the resume key); the world size itself joins the resume key
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id")
 
 
 class SampleConfig(Section):
@@ -296,8 +314,12 @@ class Config(TrainingConfig):
         return TrainingConfig(**{k: getattr(self, k) for k in TRAINING_SECTIONS})
 
     def training_dict(self) -> dict[str, Any]:
-        """The training sections as plain data: what a checkpoint stores and what the resume key hashes."""
-        return self.training().to_dict()
+        """The training sections as plain data: what a checkpoint stores and what the resume key hashes.
+
+        Without the launch settings (`LAUNCH_KEYS`): a rendezvous address never changes the weights, and the
+        world size is keyed by what the workers really run with (`ddpm.pipeline.resume.params_key`), which
+        a hand-started `torchrun` sets without these params."""
+        return self.training().model_dump(mode="json", exclude={"train": set(LAUNCH_KEYS)})
 
 
 class ConfigError(UserError):

@@ -1,9 +1,9 @@
 """DVC stage `train`: data/prepared/ -> models/ema.pt, models/run.json, metrics/train.json,
-plots/train_loss.tsv, samples/progress/. Also the torchrun entry point for multi-GPU training."""
+plots/train_loss.tsv, samples/progress/. With `train.nproc_per_node`/`train.nnodes` above 1 it starts its own
+workers (ddpm.pipeline.launch); it is also a `torchrun` entry point (then it trains as the rank torchrun set)."""
 
 from ddpm.pipeline.entry import run_stage
-from ddpm.pipeline.layout import Layout
-from ddpm.pipeline.train import train
+from ddpm.pipeline.launch import train_stage
 
 if __name__ == "__main__":
-    run_stage(lambda cfg, root: train(cfg, Layout.under(root)))
+    run_stage(train_stage)

@@ -16,6 +16,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The global-RNG seed of distributed rank `rank` >= 1 (dropout masks must differ between ranks).
+
+    Mixed from (seed, rank) by NumPy's SeedSequence (well-separated streams, as EDM seeds each rank); 63 bits
+    fit `torch.manual_seed`. Rank 0 keeps `seed` itself, so one process draws what it always drew.
+    """
+    if rank == 0:
+        return seed
+    mixed = np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint32)
+    return (int(mixed[0]) << 31) ^ int(mixed[1])
+
+
 def rng_state() -> dict[str, Any]:
     """Every global RNG state as plain data (loadable with `torch.load(weights_only=True)`)."""
     version, internal, gauss = random.getstate()

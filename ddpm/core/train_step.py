@@ -70,6 +70,29 @@ class StepStats:
         self.bad_run.mul_(found_inf).add_(found_inf)  # consecutive count: reset to 0 by a good step
         torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
 
+    # per-example sums: each rank adds its own shard's examples (the rest is the same on every rank, the
+    # gradients being all-reduced)
+    _PER_RANK = ("loss_sum", "loss_count", "quarter_sum", "quarter_count")
+
+    def collect_on_main(self, ranks: Ranks) -> None:
+        """Sum every rank's per-example sums into rank 0's, the others restarting from zero (a collective).
+
+        Before a read (rank 0 logs the global batch's loss, not its shard's) and a checkpoint (which holds
+        rank 0's statistics): the sum over the ranks stays the same, so nothing is counted twice.
+        """
+        if ranks.world_size == 1:
+            return
+        for name in self._PER_RANK:
+            total = getattr(self, name)
+            torch.distributed.all_reduce(total)  # float64 sums: only the summation order differs
+            if not ranks.is_main:
+                total.zero_()
+
+    def zero_per_rank(self) -> None:
+        """Zero the per-example sums: a non-main rank restored from rank 0's checkpoint (see collect_on_main)."""
+        for name in self._PER_RANK:
+            getattr(self, name).zero_()
+
     _READ = ("loss_sum", "loss_count", "gnorm_sum", "steps", "quarter_sum", "quarter_count", "bad_total",
              "bad_run_max")
 

@@ -54,6 +54,7 @@ EXCLUDED = {
     "ddpm.errors": "exception classes and their messages",
     "ddpm.pipeline.entry": "runs the stage: finds params.yaml, turns errors and signals into exit codes",
     "ddpm.pipeline.fingerprint": "computes this fingerprint and reads git state",
+    "ddpm.pipeline.launch": "starts the workers; the world size they train with is in the resume key itself",
     "ddpm.pipeline.layout": "file paths; the prepared data is keyed by its content hash",
     "ddpm.pipeline.progression": "composes the progression figure from grids already sampled",
     "ddpm.tracking": "MLflow/TensorBoard logging, metric names, run-id files, resource readings (package)",

@@ -40,14 +40,22 @@ from ddpm.tracking.store import store_root
 log = logging.getLogger(__name__)
 
 
-def params_key(cfg: Config, data_hash: str) -> str:
-    """A short hash of the training params and the data: the resume key without the code."""
-    return _short_hash(cfg.training_dict() | {"data_hash": data_hash})
+def params_key(cfg: Config, data_hash: str, world_size: int = 1) -> str:
+    """A short hash of the training params, the data and the number of ranks: the resume key without the code.
+
+    The world size is the one the processes really train with (`RANK`/`WORLD_SIZE` of the launcher or of a
+    hand-started torchrun), not `train.nproc_per_node`: N ranks all-reduce their gradients in another order
+    than one process sums them (float-level differences) and each continues its own dropout stream, so a
+    checkpoint resumes bit-for-bit only at its own world size. Another world size trains from step 0. One
+    process hashes what it always hashed.
+    """
+    ranks = {"world_size": world_size} if world_size > 1 else {}
+    return _short_hash(cfg.training_dict() | {"data_hash": data_hash} | ranks)
 
 
-def resume_key(cfg: Config, data_hash: str, code_fingerprint: str) -> str:
-    """A short hash of everything that determines the trained weights: params, data and training code."""
-    return _short_hash({"params_key": params_key(cfg, data_hash), "code_fingerprint": code_fingerprint})
+def resume_key(cfg: Config, data_hash: str, code_fingerprint: str, world_size: int = 1) -> str:
+    """A short hash of everything that determines the trained weights: params, data, ranks and training code."""
+    return _short_hash({"params_key": params_key(cfg, data_hash, world_size), "code_fingerprint": code_fingerprint})
 
 
 def _short_hash(relevant: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from ddpm.core.runtime import (
     init_distributed,
     ranks_from_env,
 )
-from ddpm.core.seeding import seed_everything
+from ddpm.core.seeding import rank_seed, seed_everything
 from ddpm.core.train_step import StepContext, StepStats, train_step
 from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
@@ -45,7 +45,7 @@ from ddpm.pipeline.fingerprint import TRAIN_CODE_TAG, TRAIN_COMMIT_TAG, TRAIN_DI
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.progression import progression_figure
 from ddpm.pipeline.resume import ResumeStore, checkpoints_of_other_code, params_key, resume_key, resume_root
-from ddpm.pipeline.train_state import Run
+from ddpm.pipeline.train_state import Run, StopVote, gather_rank_rng, shared_checkpoint
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
 from ddpm.tracking.names import TRAIN, final_train, grouped
 from ddpm.tracking.resources import ResourceMonitor
@@ -76,7 +76,9 @@ def lr_lambda(warmup: int):
 def _build(cfg: Config, ranks: Ranks, device: torch.device, data) -> Run:
     """Model, EMA, optimiser, schedule and data stream, seeded from `cfg.seed`."""
     seed_everything(cfg.seed)
-    model = build_unet(cfg).to(device)
+    model = build_unet(cfg).to(device)  # the same initial weights on every rank
+    if ranks.rank:  # own dropout masks; the batch's data, noise and timesteps stay global (`generator`)
+        seed_everything(rank_seed(cfg.seed, ranks.rank))
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     diffusion = GaussianDiffusion.from_config(cfg).to(device)
@@ -137,7 +139,8 @@ def train(cfg: Config, paths: Layout) -> dict:
         run = _build(cfg, ranks, device, data)
         run.class_names = list(data.class_names)
         run.code = code_identity(paths.root)
-        store = ResumeStore(resume_root(paths.root) / resume_key(cfg, data.content_hash, run.code["fingerprint"]))
+        key = resume_key(cfg, data.content_hash, run.code["fingerprint"], ranks.world_size)
+        store = ResumeStore(resume_root(paths.root) / key)
         with store.exclusive() if ranks.is_main else nullcontext():
             return _resume_or_start(run, store, paths, data)
     finally:
@@ -159,27 +162,27 @@ def _resume_or_start(run: Run, store: ResumeStore, paths: Layout, data: Prepared
     """Continue the store's checkpoint (or start at step 0), open the MLflow run before any work, train, write
     the outputs; the run ends with the tracker (FINISHED / KILLED / FAILED)."""
     cfg, ranks, device, data_hash = run.cfg, run.ranks, run.device, data.content_hash
-    ckpt = store.load(map_location=device)
+    ckpt = shared_checkpoint(store, ranks, device)
     if ckpt is not None:
         run.restore(ckpt)
         if ranks.is_main:
             log.info("resuming from %s at step %d", store.dir, run.step)
             _restore_progress(store, paths)
     elif ranks.is_main:
-        _say_why_not_resumed(store, params_key(cfg, data_hash), run.code["fingerprint"])
+        _say_why_not_resumed(store, params_key(cfg, data_hash, ranks.world_size), run.code["fingerprint"])
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
         shutil.rmtree(store.progress, ignore_errors=True)
     if not ranks.is_main:
         _loop(run, store, None, paths, data_hash)
         return {}
-    store.record_key(params_key(cfg, data_hash), run.code["fingerprint"])
+    store.record_key(params_key(cfg, data_hash, ranks.world_size), run.code["fingerprint"])
     _warn_disk(cfg, paths.root, run.model)
     # killed before its first checkpoint: continue the MLflow run (and TensorBoard dir) that start created
     orphan = store.recorded_run_id() if ckpt is None else None
     run_id = run.run_id or orphan
     resume_step = run.step if ckpt is not None else (0 if orphan else None)
-    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=_tags(data_hash, device, run.code),
-                       resume_step=resume_step) as tracker:
+    tags = _tags(data_hash, device, run.code, ranks.world_size)
+    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags, resume_step=resume_step) as tracker:
         run.run_id = tracker.run_id
         tracker.log_dataset(cfg, paths.prepared, data_hash, len(data.train_labels), len(data.eval_labels),
                             list(data.class_names))
@@ -197,7 +200,7 @@ def _say_why_not_resumed(store: ResumeStore, params: str, fingerprint: str) -> N
                     folder, old, fingerprint)
 
 
-def _tags(data_hash: str, device: torch.device, code: dict) -> dict[str, str]:
+def _tags(data_hash: str, device: torch.device, code: dict, world_size: int) -> dict[str, str]:
     return {
         "data_hash": data_hash,
         TRAIN_CODE_TAG: code["fingerprint"],
@@ -206,6 +209,7 @@ def _tags(data_hash: str, device: torch.device, code: dict) -> dict[str, str]:
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
         "device": device_description(device),
+        "ddpm.train.world_size": str(world_size),
     }
 
 
@@ -221,6 +225,7 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
     bar = tqdm(total=cfg.train.steps, initial=run.step, disable=not main, desc="train", dynamic_ncols=True)
     start_step, t_start = run.step, time.perf_counter()
     t_log, step_log = t_start, run.step
+    stop = StopVote(run.ranks, run.device)
     with _signal_flag() as flag:
         while run.step < cfg.train.steps:
             run.trained.train()
@@ -236,9 +241,10 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
                 _log(run, tracker, bar, ips, paths, monitor)
             if main and cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
                 _progress_grid(run, tracker, paths, store)
-            if flag:
+            signum = stop(flag)  # every rank stops at the same step
+            if signum:
                 _checkpoint(run, store, data_hash)
-                raise Interrupted(flag[0], "checkpoint saved, run again to resume")
+                raise Interrupted(signum, "checkpoint saved, run again to resume")
             if run.step % cfg.train.checkpoint_every == 0 and run.step < cfg.train.steps:
                 _checkpoint(run, store, data_hash)
     bar.close()
@@ -250,6 +256,7 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
 
 def _log(run: Run, tracker, bar, images_per_s: float, paths: Layout, monitor: ResourceMonitor | None) -> None:
     """Read the device-side statistics back (one sync), stop on too many bad steps, log everywhere."""
+    run.stats.collect_on_main(run.ranks)  # the global batch's losses, not rank 0's shard's
     stats = run.stats.read()
     cfg = run.cfg
     if stats["bad_steps_in_a_row"] > cfg.train.max_bad_steps:
@@ -310,8 +317,10 @@ def _progress_grid(run: Run, tracker, paths: Layout, store: ResumeStore) -> None
 
 
 def _checkpoint(run: Run, store: ResumeStore, data_hash: str) -> None:
+    run.stats.collect_on_main(run.ranks)  # collectives: rank 0's checkpoint holds every rank's sums...
+    rank_rng = gather_rank_rng(run.ranks)  # ... and every rank's dropout stream
     if run.ranks.is_main:
-        store.save(run.payload(data_hash))
+        store.save(run.payload(data_hash, rank_rng))
     if run.ranks.world_size > 1:
         torch.distributed.barrier()
 
