@@ -149,6 +149,11 @@ class TrainConfig(Section):
     progress_spacing: Spacing = "time"
     progress_guidance_scale: float = Field(1.0, ge=0.0)
     progress_per_class: int = Field(8, ge=1)
+    # EMA snapshots for the progress stage's quality curve (models/snapshots/, scored after training, so changing
+    # the curve's evaluation never retrains): every snapshot_every steps (0: at the progress points, every
+    # sample_every steps) and at the end, thinned evenly to at most max_snapshots (0: none; a disk bound)
+    snapshot_every: int = Field(0, ge=0)
+    max_snapshots: int = Field(16, ge=0)
     checkpoint_every: int = Field(5000, ge=1)
     max_bad_steps: int = Field(10, ge=0)  # consecutive non-finite steps tolerated before stopping
 
@@ -171,6 +176,22 @@ class SampleConfig(Section):
     grid_per_class: int = Field(10, ge=1)  # columns of samples/grid.png
     denoise_frames: int = Field(8, ge=2)  # columns of samples/denoise.png
     compile: bool = False  # torch.compile the EMA network for sampling (pays off for large sample sets)
+
+
+class ProgressConfig(Section):
+    """The progress stage: how the EMA snapshots of `train.snapshot_every` are scored into the quality curve.
+
+    The same seeds and classes for every snapshot, so the curve measures the model, not the draw.
+    """
+
+    num_samples: int = Field(2000, ge=10)  # class-balanced samples per snapshot (FD/precision/recall at this size)
+    sampler: SamplerName = "dpm_solver"
+    steps: int = Field(25, ge=1)
+    spacing: Spacing = "logsnr"
+    guidance_scale: float = Field(1.0, ge=0.0)
+    precision: Precision = "fp32"
+    batch_size: int = Field(1000, ge=1)
+    fid: bool = True  # FID at num_samples too, when evaluate.fid made the Inception statistics
 
 
 class ClassifierConfig(Section):
@@ -267,6 +288,14 @@ class TrainingConfig(Section):
             raise ValueError(f"train.progress_steps={steps} exceeds diffusion.timesteps={t}; use at most {t}")
         return self
 
+    @model_validator(mode="after")
+    def _snapshots_within_the_run(self) -> TrainingConfig:
+        every, steps = self.train.snapshot_every, self.train.steps
+        if every > steps:
+            raise ValueError(f"train.snapshot_every={every} exceeds train.steps={steps}: the curve would have only the "
+                             f"final point; use at most {steps}, or 0 for the progress points")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for checkpoints, YAML and MLflow."""
         return self.model_dump(mode="json")
@@ -289,7 +318,15 @@ class Config(TrainingConfig):
 
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    progress: ProgressConfig = ProgressConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _curve_steps_fit_the_schedule(self) -> Config:
+        t, steps = self.diffusion.timesteps, self.progress.steps
+        if steps > t:
+            raise ValueError(f"progress.steps={steps} exceeds diffusion.timesteps={t}; use at most {t}")
+        return self
 
     def training(self) -> TrainingConfig:
         """The training sections alone (`TRAINING_SECTIONS`)."""

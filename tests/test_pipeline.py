@@ -28,7 +28,7 @@ from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate"]
+STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate", "progress"]
 
 
 def _dvc_yaml() -> dict:
