@@ -32,7 +32,7 @@ NO_TRACKING = {"mlflow": False, "tensorboard": False, "system_metrics": False}
     ({"steps": 6, "sample_every": 3}, [3, 6]),  # 0: at the progress points
     ({"steps": 7, "sample_every": 3}, [3, 6, 7]),  # ... and always the final model
     ({"steps": 7, "sample_every": 0}, [7]),  # no progress points: the final model alone
-    ({"steps": 900, "sample_every": 500, "snapshot_every": 100}, list(range(100, 901, 100))),  # the quickstart's
+    ({"steps": 900, "sample_every": 500, "snapshot_every": 150}, list(range(150, 901, 150))),  # the quickstart's
     ({"steps": 1000, "sample_every": 100, "max_snapshots": 4}, [100, 400, 700, 1000]),  # 10 thinned evenly to 4
     ({"steps": 1000, "sample_every": 100, "max_snapshots": 1}, [1000]),
     ({"steps": 1000, "sample_every": 100, "max_snapshots": 0}, []),

@@ -14,10 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 # (title, [(column, colour)], y range fixed to [0, 1] for fractions)
 PANELS = [
-    ("class accuracy (/ real)", [("class_accuracy", "tab:blue"), ("class_accuracy_ratio", "tab:orange")], True),
+    ("class accuracy; / real (orange)", [("class_accuracy", "tab:blue"), ("class_accuracy_ratio", "tab:orange")], True),
     ("fd_classifier (floor dashed)", [("fd_classifier", "tab:blue"), ("fd_classifier_floor", "grey")], False),
-    ("precision / recall", [("precision", "tab:blue"), ("recall", "tab:orange")], True),
-    ("pixel mean / std gap", [("pixel_mean_rel_error", "tab:blue"), ("pixel_std_rel_error", "tab:orange")], False),
+    ("precision; recall (orange)", [("precision", "tab:blue"), ("recall", "tab:orange")], True),
+    ("pixel mean; std gap (orange)",
+     [("pixel_mean_rel_error", "tab:blue"), ("pixel_std_rel_error", "tab:orange")], False),
     ("FID", [("fid", "tab:blue")], False),
 ]
 COLOURS = {"tab:blue": (31, 119, 180), "tab:orange": (255, 127, 14), "grey": (128, 128, 128)}
@@ -55,7 +56,9 @@ def _panel(rows: list[dict], title: str, series: list[tuple[str, str]], unit_ran
         draw.text((2, at(x0, y)[1] - 5), f"{y:.3g}", fill="black", font=font)
     for x in (x0, x1):
         label = f"{x:,.0f}\n{x * batch_size / 1000:g}k img"
-        draw.multiline_text((at(x, y0)[0] - 18, TOP + ph + 3), label, fill="black", font=font)
+        width = draw.multiline_textbbox((0, 0), label, font=font)[2]
+        left = at(x, y0)[0] - (width if x == x1 else width // 2)  # the last label ends at the axis' end
+        draw.multiline_text((max(left, 0), TOP + ph + 3), label, fill="black", font=font, align="center")
     for col, colour in series:
         xy = [at(x, y) for x, y in data[col]]
         rgb = COLOURS[colour]
