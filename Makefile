@@ -104,6 +104,7 @@ docs-figures:
 	mkdir -p docs
 	$(BIN)/python -c "from PIL import Image; Image.open('samples/progression.png').save('docs/cifar_cpu_progression.png', optimize=True)"
 	$(BIN)/python -c "from PIL import Image; Image.open('samples/grid.png').save('docs/cifar_cpu_grid.png', optimize=True)"  # already enlarged to >= 256 px
+	@test ! -f samples/progress_curve.png || $(BIN)/python -c "from PIL import Image; Image.open('samples/progress_curve.png').save('docs/cifar_cpu_progress_curve.png', optimize=True)"
 	@ls -l docs/cifar_cpu_progression.png docs/cifar_cpu_grid.png
 
 # -n auto: one pytest-xdist worker per usable core (tests/conftest.py); loadgroup keeps a module whose fixtures

@@ -85,10 +85,8 @@ class ModelConfig(Section):
         for mult in (1, *self.channel_mult):
             ch = self.channels * mult
             if ch % self.num_groups:
-                raise ValueError(
-                    f"model.num_groups={self.num_groups} does not divide {ch} channels "
-                    f"(channels={self.channels} x mult {mult}); choose channels divisible by num_groups"
-                )
+                raise ValueError(f"model.num_groups={self.num_groups} does not divide {ch} channels (channels="
+                                 f"{self.channels} x mult {mult}); choose channels divisible by num_groups")
             if ch % self.num_heads:
                 raise ValueError(f"model.num_heads={self.num_heads} does not divide {ch} channels")
         if any(m < 1 for m in self.channel_mult):
@@ -111,9 +109,8 @@ class DiffusionConfig(Section):
     @model_validator(mode="after")
     def _beta_order(self) -> DiffusionConfig:
         if self.beta_start >= self.beta_end:
-            raise ValueError(
-                f"diffusion.beta_start ({self.beta_start}) must be smaller than diffusion.beta_end ({self.beta_end})"
-            )
+            raise ValueError(f"diffusion.beta_start ({self.beta_start}) must be smaller than diffusion.beta_end "
+                             f"({self.beta_end})")
         return self
 
 
@@ -149,6 +146,11 @@ class TrainConfig(Section):
     progress_spacing: Spacing = "time"
     progress_guidance_scale: float = Field(1.0, ge=0.0)
     progress_per_class: int = Field(8, ge=1)
+    # EMA snapshots for the progress stage's quality curve (models/snapshots/, scored after training, so changing
+    # the curve's evaluation never retrains): every snapshot_every steps (0: at the progress points, every
+    # sample_every steps) and at the end, thinned evenly to at most max_snapshots (0: none; a disk bound)
+    snapshot_every: int = Field(0, ge=0)
+    max_snapshots: int = Field(16, ge=0)
     checkpoint_every: int = Field(5000, ge=1)
     max_bad_steps: int = Field(10, ge=0)  # consecutive non-finite steps tolerated before stopping
     # how many training processes the stage starts (PyTorch's elastic launcher, ddpm.pipeline.launch): not in
@@ -189,6 +191,22 @@ class SampleConfig(Section):
     grid_per_class: int = Field(10, ge=1)  # columns of samples/grid.png
     denoise_frames: int = Field(8, ge=2)  # columns of samples/denoise.png
     compile: bool = False  # torch.compile the EMA network for sampling (pays off for large sample sets)
+
+
+class ProgressConfig(Section):
+    """The progress stage: how the EMA snapshots of `train.snapshot_every` are scored into the quality curve.
+
+    The same seeds and classes for every snapshot, so the curve measures the model, not the draw.
+    """
+
+    num_samples: int = Field(2000, ge=10)  # class-balanced samples per snapshot (FD/precision/recall at this size)
+    sampler: SamplerName = "dpm_solver"
+    steps: int = Field(25, ge=1)
+    spacing: Spacing = "logsnr"
+    guidance_scale: float = Field(1.0, ge=0.0)
+    precision: Precision = "fp32"
+    batch_size: int = Field(1000, ge=1)
+    fid: bool = True  # FID at num_samples too, when evaluate.fid made the Inception statistics
 
 
 class ClassifierConfig(Section):
@@ -254,6 +272,11 @@ def network_resolutions(model: ModelConfig, image_size: int) -> list[int]:
     return resolutions
 
 
+def _fits_the_schedule(param: str, steps: int, timesteps: int) -> None:
+    if steps > timesteps:
+        raise ValueError(f"{param}={steps} exceeds diffusion.timesteps={timesteps}; use at most {timesteps}")
+
+
 class TrainingConfig(Section):
     """The sections that determine the trained weights: what a checkpoint stores and the resume key hashes.
 
@@ -274,15 +297,17 @@ class TrainingConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _progress_steps_fit_the_schedule(self) -> TrainingConfig:
+    def _progress_steps_fit(self) -> TrainingConfig:
         """Checked when the params load, not at the first progress grid hours into training.
 
         (sample.steps is checked by the sampler: a checkpoint's stored training config carries no sample
         section, so a cross-section check here would judge default sample params against it.)
         """
-        t, steps = self.diffusion.timesteps, self.train.progress_steps
-        if steps > t:
-            raise ValueError(f"train.progress_steps={steps} exceeds diffusion.timesteps={t}; use at most {t}")
+        _fits_the_schedule("train.progress_steps", self.train.progress_steps, self.diffusion.timesteps)
+        every, steps = self.train.snapshot_every, self.train.steps
+        if every > steps:
+            raise ValueError(f"train.snapshot_every={every} exceeds train.steps={steps}: the curve would have only the "
+                             f"final point; use at most {steps}, or 0 for the progress points")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -307,7 +332,13 @@ class Config(TrainingConfig):
 
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    progress: ProgressConfig = ProgressConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _curve_steps_fit_the_schedule(self) -> Config:
+        _fits_the_schedule("progress.steps", self.progress.steps, self.diffusion.timesteps)
+        return self
 
     def training(self) -> TrainingConfig:
         """The training sections alone (`TRAINING_SECTIONS`)."""

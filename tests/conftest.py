@@ -32,6 +32,7 @@ TINY = {
                "guidance_scale": 1.0},
     "evaluate": {"fid": False, "classifier": {"epochs": 1, "width": 8, "batch_size": 32},
                  "guidance_sweep": [0.0, 1.0], "sweep_samples": 20},
+    "progress": {"num_samples": 20, "sampler": "ddim", "spacing": "time", "steps": 4, "batch_size": 20},
     "tracking": {"experiment": "test", "log_every": 2, "system_metrics": False},
 }
 

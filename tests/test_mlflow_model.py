@@ -19,6 +19,7 @@ from PIL import Image
 
 from ddpm.config import Config
 from ddpm.core.images import grid_hwc, viewable
+from ddpm.pipeline.curve import progress_stage
 from ddpm.pipeline.evaluate import evaluate_stage
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.sample import sample_stage
@@ -60,6 +61,7 @@ def pipeline(tmp_path_factory, data_stages):
         train(cfg, paths)
         sample_stage(cfg, paths)
         evaluate_stage(cfg, paths)
+        progress_stage(cfg, paths)  # the quality curve, logged into the training's run
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(root))
@@ -102,9 +104,14 @@ def test_metric_names_are_grouped_and_the_same_in_tensorboard(pipeline):
     assert mlflow_keys == tb_keys
     assert {k.split("/")[0] for k in mlflow_keys} == set(GROUPS)  # every group present, nothing ungrouped
     assert {"train/loss", "train/lr", "train/bad_steps_total", "train/final_loss", "eval/class_accuracy",
-            "sweep/class_accuracy", "resources/rss_mb"} <= mlflow_keys
+            "sweep/class_accuracy", "resources/rss_mb", "progress/class_accuracy_ratio",
+            "progress/fd_classifier_20", "progress/images_seen"} <= mlflow_keys
     assert [m.step for m in client.get_metric_history(run.info.run_id, "sweep/class_accuracy")] == [0, 100]
-    assert set(acc.Tags()["images"]) == {"train/progress", "train/progression", "samples/grid"}
+    # the curve: one point per EMA snapshot (the progress points 3 and 6), against step and images seen
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "progress/class_accuracy")] == [3, 6]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "progress/images_seen")] == [24, 48]
+    assert [e.step for e in acc.Scalars("progress/precision_20")] == [3, 6]
+    assert set(acc.Tags()["images"]) == {"train/progress", "train/progression", "samples/grid", "progress/curve"}
 
 
 def test_grids_are_viewable_and_samples_stay_raw(pipeline):

@@ -21,6 +21,7 @@ from processes import Processes
 from ddpm.config import Config, flatten, load_config
 from ddpm.data.datasets import prepare
 from ddpm.pipeline.classifier import classifier_stage
+from ddpm.pipeline.curve import progress_stage
 from ddpm.pipeline.evaluate import evaluate_stage
 from ddpm.pipeline.fid_stats import fid_stats_stage
 from ddpm.pipeline.layout import Layout
@@ -28,7 +29,7 @@ from ddpm.pipeline.sample import sample_stage
 from ddpm.pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate"]
+STAGES = ["prepare", "classifier", "fid_stats", "train", "sample", "evaluate", "progress"]
 
 
 def _dvc_yaml() -> dict:
@@ -101,6 +102,7 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
     train(cfg, Layout.under(repo))
     sample_stage(cfg, Layout.under(repo))
     metrics = evaluate_stage(cfg, ev)
+    progress_stage(cfg, ev)
     for name, stage in _dvc_yaml()["stages"].items():
         for path in _declared(stage):
             assert (repo / path).exists(), f"stage {name} did not write {path}"
@@ -114,6 +116,7 @@ def test_every_stage_function_writes_its_declared_outputs(repo):
         assert math.isfinite(metrics[key]) and metrics[key] >= 0.0, key
     clf = json.loads((repo / "metrics/classifier.json").read_text())
     assert metrics["real_class_accuracy"] == clf["accuracy"]  # the same classifier on the same real images
+    assert metrics["class_accuracy_ratio"] == metrics["class_accuracy"] / clf["accuracy"]
     assert 0.0 <= metrics["fd_classifier_floor_20"] < metrics["fd_classifier_20"]  # untrained samples are worse
     sweep = (repo / "plots/guidance_sweep.tsv").read_text().splitlines()
     assert sweep[0].split("\t")[:3] == ["guidance_scale", "samples", "class_accuracy"]

@@ -163,11 +163,14 @@ def _stages_depending_on(file: str) -> set[str]:
 def test_an_edit_marks_only_the_stages_it_can_change():
     """The network's code re-runs training and what reads its model, not the data or the reference stages;
     reporting code that no stage runs re-runs nothing."""
-    assert _stages_depending_on("ddpm/core/unet.py") == {"train", "sample", "evaluate"}
+    assert _stages_depending_on("ddpm/core/unet.py") == {"train", "sample", "evaluate", "progress"}
     assert _stages_depending_on("ddpm/tracking/compare.py") == set()
     assert _stages_depending_on("ddpm/data/cifar10.py") == {"prepare"}
-    assert _stages_depending_on("ddpm/evaluation/fid.py") == {"fid_stats", "evaluate"}
-    assert _stages_depending_on("ddpm/evaluation/classifier.py") == {"classifier", "evaluate"}
+    assert _stages_depending_on("ddpm/evaluation/fid.py") == {"fid_stats", "evaluate", "progress"}
+    assert _stages_depending_on("ddpm/evaluation/classifier.py") == {"classifier", "evaluate", "progress"}
+    # the quality curve's scoring re-runs the progress stage alone, never the training
+    assert _stages_depending_on("ddpm/pipeline/curve.py") == {"progress"}
+    assert _stages_depending_on("ddpm/pipeline/snapshots.py") == {"train", "progress"}
 
 
 def test_the_walk_follows_imports_inside_functions(tmp_path: Path):
@@ -232,7 +235,7 @@ def test_a_comment_in_reporting_code_leaves_the_pipeline_up_to_date(repro_done: 
     assert _changed_stages(repro_done, procs) == set()
     unet = repro_done / "ddpm/core/unet.py"
     unet.write_text(unet.read_text() + "# an edit in the network's module\n")
-    assert _changed_stages(repro_done, procs) == {"train", "sample", "evaluate"}
+    assert _changed_stages(repro_done, procs) == {"train", "sample", "evaluate", "progress"}
 
 
 if __name__ == "__main__":  # `python tests/test_stage_deps.py`: the ddpm deps each stage should list

@@ -94,8 +94,13 @@ def test_train_writes_declared_outputs(tmp_path):
     store_dir = next(resume_root(tmp_path).iterdir())
     # lock: see ResumeStore.exclusive; progress: the grids kept for a resume in another directory
     # key.json: the params-only key and the code fingerprint behind the folder's name
-    assert sorted(p.name for p in store_dir.iterdir()) == ["key.json", "last.pt", "lock", "progress"]
+    # snapshots: the EMA at the progress points, published as models/snapshots/ (the progress stage's input)
+    assert sorted(p.name for p in store_dir.iterdir()) == ["key.json", "last.pt", "lock", "progress", "snapshots"]
     assert sorted(p.name for p in (store_dir / "progress").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    assert sorted(p.name for p in paths.snapshots.iterdir()) == ["step_0000003.pt", "step_0000006.pt"]
+    # the final snapshot is models/ema.pt, byte for byte (same payload), and loads like it
+    assert (paths.snapshots / "step_0000006.pt").read_bytes() == paths.ema.read_bytes()
+    assert load_checkpoint(paths.snapshots / "step_0000003.pt")["step"] == 3
 
 
 def test_two_clean_runs_are_byte_identical(tmp_path):
@@ -131,6 +136,41 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     # the progression is rebuilt from the stored grids: step 3's (drawn before the crash), 6 and the final 7
     assert sorted(p.name for p in crashed.progress.iterdir()) == [f"step_000000{i}.png" for i in (3, 6, 7)]
     assert reference.progression.read_bytes() == crashed.progression.read_bytes()
+    # the EMA snapshots too: step 3's was saved before the crash (kept in the resume store), 6 and 7 after it
+    names = [f"step_000000{i}.pt" for i in (3, 6, 7)]
+    assert sorted(p.name for p in crashed.snapshots.iterdir()) == names
+    assert [(crashed.snapshots / n).read_bytes() for n in names] == [(reference.snapshots / n).read_bytes()
+                                                                     for n in names]
+
+
+def test_snapshots_leave_the_trained_weights_and_the_progress_grids_bit_identical(tmp_path):
+    """Catches a snapshot that perturbs training: an RNG draw, a weight or EMA write, a changed data order."""
+    off = _cfg(train={"max_snapshots": 0})
+    on = _cfg(train={"snapshot_every": 1})  # a snapshot after every one of the 6 steps
+    a, b = _prepared(tmp_path / "off", off), _prepared(tmp_path / "on", on)
+    train(off, a)
+    train(on, b)
+    _assert_identical(load_checkpoint(a.ema)["ema"], load_checkpoint(b.ema)["ema"])
+    assert a.loss_plot.read_text() == b.loss_plot.read_text()
+    grids = [[p.read_bytes() for p in sorted(run.progress.iterdir())] for run in (a, b)]
+    assert grids[0] == grids[1]
+    assert list(a.snapshots.iterdir()) == []
+    assert sorted(p.name for p in b.snapshots.iterdir()) == [f"step_000000{i}.pt" for i in range(1, 7)]
+    # each snapshot is the EMA as it was at its step: the EMA counts one update per step
+    assert [load_checkpoint(b.snapshots / f"step_000000{i}.pt")["ema"]["num_updates"] for i in (1, 4)] == [1, 4]
+
+
+def test_a_resume_in_another_directory_publishes_the_stored_snapshots(tmp_path, monkeypatch):
+    """A re-queued DVC experiment runs in a fresh copy whose models/snapshots/ is empty: the finished run's
+    snapshots must come from the resume store (catches publishing only what this process saved)."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "parent"))  # both copies share the parent's .resume/
+    cfg = _cfg()
+    first, second = _prepared(tmp_path / "first", cfg), _prepared(tmp_path / "second", cfg)
+    train(cfg, first)
+    train(cfg, second)  # finds the finished checkpoint: writes the outputs only
+    names = ["step_0000003.pt", "step_0000006.pt"]
+    assert sorted(p.name for p in second.snapshots.iterdir()) == names
+    assert [(second.snapshots / n).read_bytes() for n in names] == [(first.snapshots / n).read_bytes() for n in names]
 
 
 def _count_steps(monkeypatch) -> dict:

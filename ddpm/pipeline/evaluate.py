@@ -78,10 +78,28 @@ def offline_metrics(classifier, images: torch.Tensor, labels: torch.Tensor, real
     return out
 
 
+def fd_floor(classifier, data, real_feats: np.ndarray, n: int, seed: int) -> float:
+    """The floor of `fd_classifier` at size n: the same distance between two equal-size sets of REAL images,
+    `n` training images against the `n` held-out ones `offline_metrics` compares samples with (same `seed`)."""
+    device = next(classifier.parameters()).device
+    real_n = real_feats[equal_size(n, len(real_feats), seed + 1).numpy()]  # (n, D): the set compared above
+    train_idx = equal_size(n, len(data.train_images), seed)
+    train_feats = extract_features(classifier, data.train_images[train_idx], batch_size=500, device=device)  # (n, D)
+    return frechet_distance(*feature_statistics(train_feats), *feature_statistics(real_n))
+
+
+def real_class_accuracy(classifier, data) -> float:
+    """The classifier on ALL held-out real images: its own accuracy (metrics/classifier.json), the ceiling that
+    `class_accuracy_ratio` = class accuracy / this reads samples against."""
+    device = next(classifier.parameters()).device
+    pred = predict(classifier, data.eval_images, batch_size=500, device=device)  # (M,)
+    return class_accuracy(pred, data.eval_labels, len(data.class_names))[0]
+
+
 UNCONDITIONAL = "skipped: the model is unconditional (model.num_classes: 0), its samples have no class labels"
 
 
-class _FidScorer:
+class FidScorer:
     """The Inception network and the training-set statistics, loaded once for every FID/IS computed here."""
 
     def __init__(self, cfg: Config, paths: Layout, device: torch.device):
@@ -136,19 +154,14 @@ def _evaluate(cfg: Config, paths: Layout, data, classifier, images, labels, meta
                                                        strict=True))
     else:
         metrics["class_accuracy"] = UNCONDITIONAL
-    # the floor: the same distance between two equal-size sets of REAL images (held-out vs. train)
     n = metrics["num_compared"]
-    real_n = real_feats[equal_size(n, len(real_feats), cfg.seed + 1).numpy()]  # the real set compared above
-    train_idx = equal_size(n, len(data.train_images), cfg.seed)
-    train_feats = extract_features(classifier, data.train_images[train_idx], batch_size=500, device=device)
-    metrics[f"fd_classifier_floor_{count_tag(n)}"] = frechet_distance(*feature_statistics(train_feats),
-                                                                      *feature_statistics(real_n))
-    # the classifier on ALL held-out real images: equals its own accuracy in metrics/classifier.json
-    metrics["real_class_accuracy"] = class_accuracy(
-        predict(classifier, data.eval_images, batch_size=500, device=device), data.eval_labels, num_classes)[0]
+    metrics[f"fd_classifier_floor_{count_tag(n)}"] = fd_floor(classifier, data, real_feats, n, cfg.seed)
+    metrics["real_class_accuracy"] = real_class_accuracy(classifier, data)
+    if isinstance(metrics["class_accuracy"], float):
+        metrics["class_accuracy_ratio"] = metrics["class_accuracy"] / metrics["real_class_accuracy"]
     # per-channel pixel mean/std of the samples against ALL held-out real images (saturated colours, leftover noise)
     metrics.update(pixel_comparison(images, data.eval_images))
-    fid = _FidScorer(cfg, paths, device) if cfg.evaluate.fid else None
+    fid = FidScorer(cfg, paths, device) if cfg.evaluate.fid else None
     if fid is not None:
         metrics.update(fid(images))
     metrics["sample_settings"] = meta
@@ -163,7 +176,7 @@ def _evaluate(cfg: Config, paths: Layout, data, classifier, images, labels, meta
 
 
 def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarray, real_images: torch.Tensor,
-                    num_classes: int, scales: list[float], fid: _FidScorer | None) -> list[dict]:
+                    num_classes: int, scales: list[float], fid: FidScorer | None) -> list[dict]:
     """One row of offline metrics (and FID when on) per guidance scale, on fresh samples.
 
     Each row also has the samples' worst per-channel pixel mean/std gap to the real held-out images: guidance
@@ -188,21 +201,32 @@ def _guidance_sweep(cfg: Config, paths: Layout, classifier, real_feats: np.ndarr
         images, labels = evaluation_set(lm, settings, cfg.evaluate.sweep_samples, cfg.seed + 2,
                                         cfg.sample.batch_size, cfg.sample.precision)
         log.info("guidance sweep %d/%d: scoring them", n, len(points))
-        m = offline_metrics(classifier, images, labels, real_feats, num_classes, cfg.evaluate.pr_k, cfg.seed)
-        tag = count_tag(m["num_compared"])
-        row = {"guidance_scale": w, "samples": m["num_compared"], "class_accuracy": m["class_accuracy"],
-               "fd_classifier": m[f"fd_classifier_{tag}"], "precision": m[f"precision_{tag}"],
-               "recall": m[f"recall_{tag}"]}
+        row = {"guidance_scale": w, **score_row(classifier, images, labels, real_feats, real_images, num_classes,
+                                                cfg.evaluate.pr_k, cfg.seed, fid)}
         if interval is not ...:
             lo, hi = settings.guidance_interval or (None, None)
             row |= {"guidance_interval_lo": lo, "guidance_interval_hi": hi}
-        px = pixel_comparison(images, real_images)
-        row |= {k: px[k] for k in ("pixel_mean_rel_error", "pixel_std_rel_error")}
-        if fid is not None:
-            row["fid"] = fid(images)[f"fid_{count_tag(len(images))}"]
-            row["fid_samples"] = len(images)
         rows.append(row)
     return rows
+
+
+def score_row(classifier, images: torch.Tensor, labels: torch.Tensor, real_feats: np.ndarray,
+              real_images: torch.Tensor, num_classes: int, k: int, seed: int, fid: FidScorer | None) -> dict:
+    """One plot row of a sample set (the guidance sweep's, the progress curve's): `offline_metrics` with plain
+    names and `samples` the compared sets' size, the worst pixel mean/std gaps to the real images, and FID
+    (with `fid_samples`) when `fid` is given. An unconditional set's row has no class accuracy."""
+    m = offline_metrics(classifier, images, labels, real_feats, num_classes, k, seed)
+    tag = count_tag(m["num_compared"])
+    row = {"samples": m["num_compared"], "fd_classifier": m[f"fd_classifier_{tag}"],
+           "precision": m[f"precision_{tag}"], "recall": m[f"recall_{tag}"]}
+    if "class_accuracy" in m:
+        row["class_accuracy"] = m["class_accuracy"]
+    px = pixel_comparison(images, real_images)
+    row |= {key: px[key] for key in ("pixel_mean_rel_error", "pixel_std_rel_error")}
+    if fid is not None:
+        row["fid"] = fid(images)[f"fid_{count_tag(len(images))}"]
+        row["fid_samples"] = len(images)
+    return row
 
 
 def _write_sweep(path: Path, rows: list[dict]) -> None:
@@ -211,12 +235,14 @@ def _write_sweep(path: Path, rows: list[dict]) -> None:
 
 
 def sweep_metric_names(row: dict) -> dict[str, float]:
-    """A sweep row's metrics named by their sample counts: `fd_classifier_2k`, `fid_2k`, `class_accuracy`...
-    (logged under `sweep/`)."""
+    """A plot row's metrics named by their sample counts: `fd_classifier_2k`, `fid_2k`, `class_accuracy`...
+    (logged under `sweep/`, and `progress/` for the curve's rows); keys a row lacks are left out."""
     tag, fid_tag = count_tag(int(row["samples"])), count_tag(int(row.get("fid_samples", 0)))
-    out = {key: row[key] for key in ("class_accuracy", "pixel_mean_rel_error", "pixel_std_rel_error")}
-    for key in ("fd_classifier", "precision", "recall"):
-        out[f"{key}_{tag}"] = row[key]
+    plain = ("class_accuracy", "class_accuracy_ratio", "pixel_mean_rel_error", "pixel_std_rel_error")
+    out = {key: row[key] for key in plain if key in row}
+    for key in ("fd_classifier", "fd_classifier_floor", "precision", "recall"):
+        if key in row:
+            out[f"{key}_{tag}"] = row[key]
     if "fid" in row:
         out[f"fid_{fid_tag}"] = row["fid"]
     return out

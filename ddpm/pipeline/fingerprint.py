@@ -44,6 +44,7 @@ NOT_TRAINING = {
 FINGERPRINTED_FILES = (
     "config.py", "data/__init__.py", "data/batches.py", "data/prepared.py",
     "pipeline/train.py", "pipeline/train_state.py", "pipeline/resume.py", "pipeline/devices.py",
+    "pipeline/snapshots.py",  # which EMA snapshots a run keeps: a finished run's stored set is reused as it is
 )
 
 # ddpm modules the training imports that cannot change the weights, with the reason

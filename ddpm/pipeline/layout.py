@@ -64,6 +64,22 @@ class Layout:
         """The progress grids composed into one labelled figure (a column per checkpoint, a row per class)."""
         return self.root / "samples/progression.png"
 
+    @property
+    def snapshots(self) -> Path:
+        """EMA snapshots at the progress points (`ddpm.pipeline.snapshots`), scored by the progress stage."""
+        return self.root / "models/snapshots"
+
+    # progress
+    @property
+    def progress_plot(self) -> Path:
+        """The quality curve: one row of metrics per snapshot."""
+        return self.root / "plots/progress.tsv"
+
+    @property
+    def progress_curve(self) -> Path:
+        """The quality curve drawn, beside samples/progression.png."""
+        return self.root / "samples/progress_curve.png"
+
     # sample
     @property
     def grid(self) -> Path:

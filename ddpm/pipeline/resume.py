@@ -95,6 +95,7 @@ class ResumeStore:
         self.run_info = directory / "run.json"
         self.key_info = directory / "key.json"  # what the key covers: {"params_key", "code_fingerprint"}
         self.progress = directory / "progress"  # copies of the progress grids, for a resume elsewhere
+        self.snapshots = directory / "snapshots"  # EMA snapshots for the progress stage (models/snapshots/)
 
     def load(self, map_location: Any = "cpu") -> dict | None:
         """The newest readable checkpoint, or None for a fresh start; a corrupt last one falls back."""

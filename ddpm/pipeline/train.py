@@ -45,6 +45,7 @@ from ddpm.pipeline.fingerprint import TRAIN_CODE_TAG, TRAIN_COMMIT_TAG, TRAIN_DI
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.progression import progression_figure
 from ddpm.pipeline.resume import ResumeStore, checkpoints_of_other_code, params_key, resume_key, resume_root
+from ddpm.pipeline.snapshots import publish_snapshots, snapshot_name, snapshot_steps
 from ddpm.pipeline.train_state import Run, StopVote, gather_rank_rng, shared_checkpoint
 from ddpm.tracking.files import write_metrics, write_run_id, write_tsv
 from ddpm.tracking.names import TRAIN, final_train, grouped
@@ -118,6 +119,7 @@ def _warn_disk(cfg: Config, root: Path, model: torch.nn.Module) -> None:
     need = 3 * ckpt + params * 4  # last + previous + a write in progress, plus models/ema.pt
     if cfg.train.sample_every:
         need += (cfg.train.steps // cfg.train.sample_every + 1) * 3 * cfg.data.image_size**2 * 200
+    need += 2 * len(snapshot_steps(cfg.train)) * params * 4  # EMA snapshots: the store's + models/snapshots/
     free = shutil.disk_usage(root).free
     if free < need:
         log.warning("%.2f GiB free on %s, training needs about %.2f GiB for checkpoints and samples",
@@ -172,6 +174,7 @@ def _resume_or_start(run: Run, store: ResumeStore, paths: Layout, data: Prepared
         _say_why_not_resumed(store, params_key(cfg, data_hash, ranks.world_size), run.code["fingerprint"])
         shutil.rmtree(paths.progress, ignore_errors=True)  # a fresh run starts a fresh progress table
         shutil.rmtree(store.progress, ignore_errors=True)
+        shutil.rmtree(store.snapshots, ignore_errors=True)
     if not ranks.is_main:
         _loop(run, store, None, paths, data_hash)
         return {}
@@ -224,6 +227,7 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
     monitor = ResourceMonitor(run.device) if main and cfg.tracking.system_metrics else None
     bar = tqdm(total=cfg.train.steps, initial=run.step, disable=not main, desc="train", dynamic_ncols=True)
     start_step, t_start = run.step, time.perf_counter()
+    snapshots = set(snapshot_steps(cfg.train)) if main else set()
     t_log, step_log = t_start, run.step
     stop = StopVote(run.ranks, run.device)
     with _signal_flag() as flag:
@@ -241,6 +245,8 @@ def _loop(run: Run, store: ResumeStore, tracker, paths: Layout, data_hash: str) 
                 _log(run, tracker, bar, ips, paths, monitor)
             if main and cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
                 _progress_grid(run, tracker, paths, store)
+            if run.step in snapshots:
+                save_checkpoint(store.snapshots / snapshot_name(run.step), _ema_payload(run))
             signum = stop(flag)  # every rank stops at the same step
             if signum:
                 _checkpoint(run, store, data_hash)
@@ -334,12 +340,8 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
     # every output from the state itself
     _write_plot(paths.loss_plot, run.plot_rows)
     paths.progress.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(paths.ema, {
-        "format_version": FORMAT_VERSION, "config": run.cfg.training_dict(), "step": run.step,
-        "ema": run.ema.state_dict(), "class_names": run.class_names,
-        # the fingerprint only: with a git commit in it, the same weights would be a new file at each commit
-        "code": {"fingerprint": run.code["fingerprint"]},
-    })
+    save_checkpoint(paths.ema, _ema_payload(run))
+    publish_snapshots(store.snapshots, paths.snapshots)  # those saved before an interruption included
     last = run.plot_rows[-1] if run.plot_rows else {"loss": float("nan")}
     metrics = {
         "loss": last["loss"],
@@ -356,6 +358,16 @@ def _finish(run: Run, store: ResumeStore, tracker, paths: Layout, timing: dict) 
         tracker.log_model(paths.ema, run.cfg, registered_name=run.cfg.tracking.register_model)
     _write_progression(run, tracker, paths)
     return metrics
+
+
+def _ema_payload(run: Run) -> dict:
+    """The EMA network as `models/ema.pt` (and each snapshot) stores it: weights, training config, class names."""
+    return {
+        "format_version": FORMAT_VERSION, "config": run.cfg.training_dict(), "step": run.step,
+        "ema": run.ema.state_dict(), "class_names": run.class_names,
+        # the fingerprint only: with a git commit in it, the same weights would be a new file at each commit
+        "code": {"fingerprint": run.code["fingerprint"]},
+    }
 
 
 def _write_progression(run: Run, tracker, paths: Layout) -> None:

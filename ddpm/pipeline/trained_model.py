@@ -41,10 +41,10 @@ class LoadedModel:
     train_code: str = ""  # the fingerprint of the training code that made it ("" when the checkpoint has none)
 
 
-def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> LoadedModel:
+def load_model(checkpoint: Path, cfg: Config, precision: str | None = None, compile: bool | None = None) -> LoadedModel:
     """Rebuild the EMA network on the device chosen by `cfg.train.device` (the current params), checking
-    that the device supports the sampling `precision` (default `sample.precision`). An unusable checkpoint
-    is a UserError naming the file and the fix.
+    that the device supports the sampling `precision` (default `sample.precision`), compiled when `compile`
+    (default `sample.compile`). An unusable checkpoint is a UserError naming the file and the fix.
 
     Run under `configure_backends`, which the workflow calls first (it sets process-wide torch flags).
     """
@@ -59,7 +59,7 @@ def load_model(checkpoint: Path, cfg: Config, precision: str | None = None) -> L
         raise UserError(f"{err}; {CHECKPOINT_FIXES[err.problem]}") from None
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.sample.compile:
+    if cfg.sample.compile if compile is None else compile:
         model = torch.compile(model)
     names = ckpt.get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
     train_code = str((ckpt.get("code") or {}).get("fingerprint", ""))

@@ -13,10 +13,11 @@ TRAIN = "train"  # the training loop: loss, loss quarters, grad norm, lr, images
 TRAIN_FINAL = "train/final_"  # the training's final numbers (metrics/train.json), copied into derived runs
 EVAL = "eval"  # the evaluate stage's metrics of the sample stage's images
 SWEEP = "sweep"  # the guidance sweep, stepped by guidance scale x 100
+PROGRESS = "progress"  # the progress stage's quality curve: each EMA snapshot scored, stepped by training step
 RESOURCES = "resources"  # process and device readings (ddpm.tracking.resources); MLflow's own are system/
 SAMPLES = "samples"  # images: the class grid; training progress grids are train/progress
 
-GROUPS = (TRAIN, EVAL, SWEEP, RESOURCES)
+GROUPS = (TRAIN, EVAL, SWEEP, PROGRESS, RESOURCES)
 
 
 def grouped(group: str, metrics: Mapping[str, float]) -> dict[str, float]:
