@@ -207,6 +207,14 @@ def _is_xdist_controller(config) -> bool:
     return config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Modules holding slow tests run first (each module kept whole, so its module fixtures are built once):
+    under xdist the long real-tool tests then start at once and the short ones fill the gaps, instead of a
+    long test starting last and running alone on one core."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)  # stable: the order within stays
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (`make test`): one worker per core this process may use (`taskset` is honoured; xdist's own
     count, psutil's physical cores, is not), at most 8: each worker builds the session's shared setup."""
