@@ -104,11 +104,10 @@ def open_store(uri: str, experiment: str | None) -> tuple[MlflowClient, str | No
     MlflowClient() itself creates and migrates a fresh sqlite store, so it is built under the lock.
     `experiment=None`: only the client (the caller logs into a run that exists already).
     """
-    from mlflow import MlflowClient
 
     with store_lock(uri):
         try:
-            client = MlflowClient(uri)
+            client = _client(uri)
             if experiment is None:
                 return client, None
             exp = client.get_experiment_by_name(experiment)
@@ -127,6 +126,26 @@ def open_store(uri: str, experiment: str | None) -> tuple[MlflowClient, str | No
         )
     mark_experiment_kind(client, exp)
     return client, exp.experiment_id
+
+
+def _client(uri: str) -> MlflowClient:
+    """`MlflowClient(uri)`, retried while another initializer creates a fresh sqlite store's tables.
+
+    The lock above serialises this project's processes only: an `mlflow ui`, a notebook or a test's own client
+    opening the same fresh mlflow.db migrates it too, and the loser of that race fails ("table ... already
+    exists", an AttributeError from a half-made schema: tests/test_tracking.py races them). Once the other is
+    done the store is whole; a store that stays broken fails after ~3 s of retries.
+    """
+    from mlflow import MlflowClient
+
+    for attempt in range(_RETRIES):
+        try:
+            return MlflowClient(uri)
+        except Exception:  # noqa: BLE001 - whatever the race raises; the last attempt's error is reported
+            if attempt == _RETRIES - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def mark_experiment_kind(client: MlflowClient, exp: Any) -> None:
