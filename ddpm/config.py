@@ -134,7 +134,8 @@ class TrainConfig(Section):
     precision: Precision = "bf16"  # autocast dtype (fp16 uses a GradScaler and needs CUDA)
     compile: bool = True
     compile_mode: CompileMode = "default"
-    channels_last: bool = True
+    # auto: channels_last exactly when compiled (eager, CUDA runs GroupNorm NCHW: transposes around each one)
+    channels_last: bool | Literal["auto"] = "auto"
     deterministic: bool = False  # torch deterministic algorithms (GPU: slower)
     data_on_device: bool = True  # keep the uint8 dataset on the training device; else a DataLoader
     num_workers: int = Field(4, ge=0)  # DataLoader workers when data_on_device is false

@@ -87,11 +87,12 @@ def test_run_bench_reports_images_per_s_medians_and_the_least_favourable_ratio(m
     assert result["train_ratio_vs_diffusers"] == pytest.approx(4 / 3)  # the least favourable setting
     assert result["forward_gflop_per_image"] == pytest.approx(forward_flops(cfg.model, 16) / 1e9)
     assert result["params_ours"] == result["params_diffusers"]
-    assert all("mfu_ours" not in r for r in result["runs"])  # no peak FLOP/s is known for a CPU: no made-up MFU
+    # no data-sheet peak for a CPU: the MFU is against its own matmul rate, measured (for real) and named so
+    assert result["peak_source"] == {"fp32": "matmul"} and result["peak_flops"]["fp32"] > 0
     # timed under training's backend settings (cuDNN autotuning on, not left at PyTorch's default)
     assert torch.backends.cudnn.benchmark is True
     table = format_table(result)
-    assert table.count("\n") == 1 + len(result["runs"])
+    assert table.count("\n") == 1 + len(result["runs"]) + len(result["peak_flops"])  # + one line per peak
 
 
 def test_bench_config_reference_is_the_ddpm_network():
@@ -135,3 +136,14 @@ def test_bench_cli_rejects_a_precision_the_device_lacks(repo, capsys):
     assert main(["bench", "--device", "cpu", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
     assert "fp16" in err and "cpu" in err
+
+
+def test_cpu_mfu_is_against_the_measured_matmul_rate_and_below_one():
+    """A real (untimed-by-fakes) bench of the tiny network: its MFU against the CPU's measured fp32 matmul rate
+    lies in (0, 1]. Catches a peak counted in multiply-adds instead of FLOPs, a peak timed on a matrix too
+    small to reach the rate, or a missing MFU on the CPU (each moves the figure out of range or drops it)."""
+    cfg = Config.from_dict(tiny_params())
+    result = run_bench(cfg, batches=[8], steps=2, warmup=1, precisions=["fp32"], compiles=[False],
+                       channels_last=[False], vs_diffusers=False, device=torch.device("cpu"), rounds=1)
+    (run,) = result["runs"]
+    assert 0.0 < run["mfu_ours"] <= 1.0  # the tiny network reaches a few per cent: load cannot push it past 1

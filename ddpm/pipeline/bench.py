@@ -228,6 +228,30 @@ def _peak(device: torch.device, precision: str) -> float | None:
     return next((p[precision] for key, p in PEAK_FLOPS.items() if key in name), None)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measured_peak(device: torch.device, precision: str, size: int = 2048, rounds: int = 5) -> float:
+    """The device's own dense rate at `precision` (FLOP/s, 2 per multiply-add): a size x size matmul, the
+    median of `rounds` rounds of about 0.2 s each after a warm-up. A CPU has no data-sheet figure, and its
+    rate depends on the vector units (AVX2, AVX-512, AVX512_BF16: bf16 without them is emulated and slow),
+    so the bench's MFU on the CPU is against this: how close a setting gets to what the machine can do."""
+    gen = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, generator=gen).to(DTYPES[precision]) for _ in range(2))
+
+    def timed(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.mm(a, b)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    per_call = timed(2) / 2  # also the warm-up
+    n = max(1, round(0.2 / max(per_call, 1e-6)))
+    return statistics.median(2 * size**3 * n / timed(n) for _ in range(rounds))
+
+
 def bench_config(cfg: Config, reference: bool) -> Config:
     """params.yaml's network, or the DDPM CIFAR-10 reference network (10 classes, 32x32)."""
     if not reference:
@@ -254,12 +278,17 @@ def run_bench(cfg: Config, *, batches: list[int], steps: int, warmup: int, preci
               "runs": []}
     if vs_diffusers:
         result["params_diffusers"] = sum(p.numel() for p in diffusers_unet(cfg.model, image_size).parameters())
+    # data-sheet peaks for known GPUs, else (the CPU, other GPUs) the device's own matmul rate, measured first
+    peaks = {p: (_peak(device, p), "datasheet") for p in precisions}
+    peaks = {p: (v, src) if v else (measured_peak(device, p), "matmul") for p, (v, src) in peaks.items()}
+    result["peak_flops"] = {p: v for p, (v, _) in peaks.items()}
+    result["peak_source"] = {p: src for p, (_, src) in peaks.items()}
     settings = [Setting(b, p, c, cl) for b in batches for p in precisions for c in compiles for cl in channels_last]
     for i, s in enumerate(settings):
         label = (f"setting {i + 1}/{len(settings)}: batch {s.batch} {s.precision} "
                  f"{'compiled' if s.compile else 'eager'} {'channels_last' if s.channels_last else 'NCHW'}")
         result["runs"].append(_bench_setting(cfg, s, compile_mode, flops, steps, warmup, rounds, vs_diffusers,
-                                             device, label))
+                                             device, label, result["peak_flops"][s.precision]))
     for key in ("train_ratio_vs_diffusers", "sample_ratio_vs_diffusers"):
         ratios = [r[key] for r in result["runs"] if key in r]
         if ratios:
@@ -268,7 +297,8 @@ def run_bench(cfg: Config, *, batches: list[int], steps: int, warmup: int, preci
 
 
 def _bench_setting(cfg: Config, s: Setting, compile_mode: CompileMode, flops: int, steps: int, warmup: int,
-                   rounds: int, vs_diffusers: bool, device: torch.device, label: str = "") -> dict:
+                   rounds: int, vs_diffusers: bool, device: torch.device, label: str = "",
+                   peak: float | None = None) -> dict:
     """Time one setting (ours, and diffusers A/B interleaved): the run's row of the table."""
     image_size = cfg.data.image_size
     torch.manual_seed(0)
@@ -283,7 +313,6 @@ def _bench_setting(cfg: Config, s: Setting, compile_mode: CompileMode, flops: in
            **{f"{k}_{n}": v for n, f in figures.items() for k, v in f.items()}}
     if device.type == "cuda":
         run["peak_memory_gib_all"] = torch.cuda.max_memory_allocated(device) / 2**30
-    peak = _peak(device, s.precision)
     if peak:
         # training = forward + backward (about 2x the forward), so 3x the forward FLOPs per image
         run["mfu_ours"] = figures["ours"]["train_images_per_s"] * 3 * flops / peak
@@ -310,6 +339,8 @@ def format_table(result: dict) -> str:
               f"compile mode {result['compile_mode']}  params ours {result['params_ours'] / 1e6:.2f}M")
     if "params_diffusers" in result:
         header += f"  diffusers {result['params_diffusers'] / 1e6:.2f}M"
+    header += "".join(f"\npeak {p}: {v / 1e9:.1f} GFLOP/s ({result['peak_source'][p]}; mfu_ours is against it)"
+                      for p, v in result.get("peak_flops", {}).items())
     return header + "\n" + "\n".join(lines)
 
 

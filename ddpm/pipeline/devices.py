@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm.config import DeviceName, Precision
+from ddpm.config import DeviceName, Precision, TrainConfig
 from ddpm.core import runtime
 from ddpm.errors import UserError
 
@@ -24,3 +24,9 @@ def check_precision(precision: Precision, device: torch.device, param: str = "tr
         runtime.check_precision(precision, device)
     except ValueError as err:
         raise UserError(f"{param} is {precision!r}, but {err}; use fp32 or bf16 on the CPU") from None
+
+
+def uses_channels_last(train: TrainConfig, compiled: bool) -> bool:
+    """`train.channels_last` for a network that is `compiled` or not: "auto" is channels_last exactly when
+    compiled (see the param's comment), true/false as given."""
+    return compiled if train.channels_last == "auto" else train.channels_last

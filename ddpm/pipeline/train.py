@@ -40,7 +40,7 @@ from ddpm.core.unet import build_unet
 from ddpm.data.batches import make_batches
 from ddpm.data.prepared import PreparedData, check_class_count, load_prepared
 from ddpm.errors import Interrupted, UserError
-from ddpm.pipeline.devices import check_precision, resolve_device
+from ddpm.pipeline.devices import check_precision, resolve_device, uses_channels_last
 from ddpm.pipeline.fingerprint import TRAIN_CODE_TAG, TRAIN_COMMIT_TAG, TRAIN_DIRTY_TAG, code_identity
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.progression import progression_figure
@@ -80,7 +80,7 @@ def _build(cfg: Config, ranks: Ranks, device: torch.device, data) -> Run:
     model = build_unet(cfg).to(device)  # the same initial weights on every rank
     if ranks.rank:  # own dropout masks; the batch's data, noise and timesteps stay global (`generator`)
         seed_everything(rank_seed(cfg.seed, ranks.rank))
-    if cfg.train.channels_last:
+    if uses_channels_last(cfg.train, compiled=cfg.train.compile):
         model = model.to(memory_format=torch.channels_last)
     diffusion = GaussianDiffusion.from_config(cfg).to(device)
     ema = EMA(model, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)

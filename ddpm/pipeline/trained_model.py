@@ -15,7 +15,7 @@ from ddpm.core.generate import SamplerSettings, balanced_labels, generate
 from ddpm.core.restore import load_ema_model
 from ddpm.core.samplers import respaced_timesteps
 from ddpm.errors import UserError
-from ddpm.pipeline.devices import check_precision, resolve_device
+from ddpm.pipeline.devices import check_precision, resolve_device, uses_channels_last
 
 # what the user does about each kind of unusable checkpoint (`CheckpointError.problem`)
 CHECKPOINT_FIXES = {
@@ -57,9 +57,10 @@ def load_model(checkpoint: Path, cfg: Config, precision: str | None = None, comp
         raise UserError(f"{err}; {MISSING_FIX}") from None
     except CheckpointError as err:
         raise UserError(f"{err}; {CHECKPOINT_FIXES[err.problem]}") from None
-    if cfg.train.channels_last:
+    compiled = cfg.sample.compile if compile is None else compile
+    if uses_channels_last(cfg.train, compiled):
         model = model.to(memory_format=torch.channels_last)
-    if cfg.sample.compile if compile is None else compile:
+    if compiled:
         model = torch.compile(model)
     names = ckpt.get("class_names") or [str(i) for i in range(train_cfg.model.num_classes)]
     train_code = str((ckpt.get("code") or {}).get("fingerprint", ""))
