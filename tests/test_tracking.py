@@ -434,15 +434,19 @@ def test_two_processes_share_one_fresh_sqlite_store(tmp_path, repo):
             assert steps == list(range(200)), f"{run.info.run_name}/{key} lost metrics"
 
 
-def _foreign_client(uri: str, go) -> None:
+def _foreign_client(uri: str, ready, go) -> None:
     """Worker: a plain MlflowClient (an `mlflow ui`, a notebook), which takes no lock of ours."""
     from mlflow import MlflowClient
 
+    ready.release()
     go.wait()
     MlflowClient(uri).search_experiments()
 
 
-def _our_client(uri: str, go, results) -> None:
+def _our_client(uri: str, ready, go, results) -> None:
+    import mlflow  # noqa: F401 - imported before the start, as the other worker's
+
+    ready.release()
     go.wait()
     try:
         open_store(uri, "ddpm")
@@ -460,13 +464,14 @@ def test_a_store_opened_while_a_foreign_client_creates_it_still_opens(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     for i in range(4):
-        uri, go = f"sqlite:///{tmp_path / f'store{i}' / 'mlflow.db'}", ctx.Event()
+        uri, ready, go = f"sqlite:///{tmp_path / f'store{i}' / 'mlflow.db'}", ctx.Semaphore(0), ctx.Event()
         (tmp_path / f"store{i}").mkdir()
-        workers = [ctx.Process(target=_foreign_client, args=(uri, go)),
-                   ctx.Process(target=_our_client, args=(uri, go, results))]
+        workers = [ctx.Process(target=_foreign_client, args=(uri, ready, go)),
+                   ctx.Process(target=_our_client, args=(uri, ready, go, results))]
         for w in workers:
             w.start()
-        time.sleep(3)  # both have imported mlflow (a slow start only makes the race less likely, never fails)
+        for _ in workers:
+            assert ready.acquire(timeout=120), "a worker did not start"  # both have imported mlflow
         go.set()
         for w in workers:
             w.join(timeout=120)
