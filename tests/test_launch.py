@@ -74,6 +74,16 @@ def _assert_same_weights(root: Path, want: dict) -> None:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _trained_like_one_process(repo: Path, one: tuple[list[dict], dict]) -> list:
+    """The repo's loss history and EMA weights are one process's (`one`), in exactly one FINISHED MLflow run."""
+    want_losses, want_weights = one
+    _assert_same_history(_losses(repo), want_losses)
+    _assert_same_weights(repo, want_weights)
+    runs = _mlflow_runs(repo)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    return runs
+
+
 def _mlflow_runs(repo: Path):
     import mlflow
 
@@ -100,11 +110,7 @@ def test_two_cpu_workers_through_dvc_repro_train_like_one_process(dvc_repo_with_
     _set_train(repo, nproc_per_node=2)
     out = _run(procs, [*DVC, "repro", "train"], repo)
     assert "training on 2 worker(s)" in out.stderr
-    want_losses, want_weights = one_process(6)
-    _assert_same_history(_losses(repo), want_losses)
-    _assert_same_weights(repo, want_weights)
-    runs = _mlflow_runs(repo)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    runs = _trained_like_one_process(repo, one_process(6))
     assert runs[0].data.tags["ddpm.train.world_size"] == "2" and runs[0].data.params["train.nproc_per_node"] == "2"
     assert len(list((repo / ".resume").iterdir())) == 1
 
@@ -181,11 +187,7 @@ def test_sigterm_and_a_killed_worker_stop_the_stage_and_reruns_resume(dvc_repo_w
 
     out = _run(procs, [*DVC, "repro", "train"], repo)
     assert "resuming from" in out.stderr
-    want_losses, want_weights = one_process(16)
-    _assert_same_history(_losses(repo), want_losses)
-    _assert_same_weights(repo, want_weights)
-    runs = _mlflow_runs(repo)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued twice
+    _trained_like_one_process(repo, one_process(16))  # in the same run, continued twice
 
 
 @pytest.mark.slow
