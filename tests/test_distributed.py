@@ -3,7 +3,6 @@ global batch: each rank draws the global noise and keeps its slice, and takes a 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from conftest import tiny_params
 from ddpm.config import Config
 from ddpm.core.checkpoint import load_checkpoint
 from ddpm.data.datasets import prepare
+from ddpm.pipeline.launch import free_port
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.resume import resume_root
 from ddpm.pipeline.train import train
@@ -35,12 +35,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     train(_cfg(), Layout.under(Path(root)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _final_model(root: Path) -> dict:
     return load_checkpoint(next(resume_root(root).iterdir()) / "last.pt")["model"]
 
@@ -52,7 +46,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for root in (single, multi):
         prepare(cfg, root / "data/prepared")
     train(cfg, Layout.under(single))
-    mp.start_processes(_worker, args=(2, _free_port(), str(multi)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(multi)), nprocs=2, join=True, start_method="spawn")
     a, b = _final_model(single), _final_model(multi)
     assert a.keys() == b.keys()
     for k in a:

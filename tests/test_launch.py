@@ -23,7 +23,7 @@ from ddpm.config import Config
 from ddpm.core.checkpoint import load_checkpoint
 from ddpm.data.datasets import prepare
 from ddpm.errors import UserError
-from ddpm.pipeline.launch import _free_port, _worker_error, needs_launcher
+from ddpm.pipeline.launch import _worker_error, free_port, needs_launcher
 from ddpm.pipeline.layout import Layout
 from ddpm.pipeline.train import train
 
@@ -197,7 +197,7 @@ def test_two_nodes_on_one_machine_train_like_one_process(dvc_repo_with_data: Pat
     the node whose worker got rank 0 writes the outputs, the other says they are elsewhere. Catches a
     multi-node config that does not rendezvous, and ranks that are not one job (other losses)."""
     nodes = [dvc_repo_with_data, copy_repo(dvc_repo_with_data, tmp_path / "node1")]
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     for node in nodes:
         _set_train(node, nnodes=2, rdzv_endpoint=endpoint)
     started = [procs.popen([sys.executable, "-m", "stages.train"], cwd=node, env=tool_env(),

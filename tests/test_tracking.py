@@ -459,7 +459,8 @@ def _our_client(uri: str, ready, go, results) -> None:
 def test_a_store_opened_while_a_foreign_client_creates_it_still_opens(tmp_path):
     """MLflow's schema creation is not safe against a second process doing the same (the store lock only
     orders ours): the loser raised "table ... already exists" or an AttributeError, in about one race of four
-    here. Four real races, both processes released at once after their imports; each must open the store.
+    here. Four real races, both processes released at once after their imports; ours must open the store
+    whenever the foreign client did (when it lost the race too, it can leave a half-migrated store behind).
     A race is a race: without the retries this fails in most runs (about 2 of 3), not in every one."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
@@ -475,7 +476,9 @@ def test_a_store_opened_while_a_foreign_client_creates_it_still_opens(tmp_path):
         go.set()
         for w in workers:
             w.join(timeout=120)
-        assert results.get(timeout=60) == "ok"
+        ours = results.get(timeout=60)
+        if workers[0].exitcode == 0:  # a foreign client that itself died mid-migration can leave the store
+            assert ours == "ok"  # broken for good (an `_alembic_tmp_*` table): no retry of ours can mend that
 
 
 # ---- DVC files --------------------------------------------------------------------------------

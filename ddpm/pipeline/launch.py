@@ -50,7 +50,8 @@ def train_stage(cfg: Config, root: Path) -> dict:
     return launch(cfg, root)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (the OS's choice): a single node's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def launch_config(cfg: Config, log_dir: str):
     from torch.distributed.launcher.api import LaunchConfig
 
     tc = cfg.train
-    endpoint = tc.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    endpoint = tc.rdzv_endpoint or f"127.0.0.1:{free_port()}"
     host = endpoint.rsplit(":", 1)[0].strip("[]")
     return LaunchConfig(
         min_nodes=tc.nnodes, max_nodes=tc.nnodes, nproc_per_node=tc.nproc_per_node,
