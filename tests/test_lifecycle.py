@@ -33,9 +33,11 @@ def _params(**overrides) -> dict:
 
 
 def _client(repo: Path):
-    import mlflow
+    """The store's client as the stages open it (their lock, their retries): the test polls the store while a
+    stage creates it, and a plain MlflowClient racing that creation can lose ("table ... already exists")."""
+    from ddpm.tracking.store import open_store
 
-    return mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    return open_store(f"sqlite:///{repo}/mlflow.db", None)[0]
 
 
 def _runs(repo: Path) -> list:
