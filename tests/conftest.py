@@ -233,8 +233,18 @@ def _share_the_cores(config) -> None:
         torch.set_num_threads(threads)
 
 
+def _accept_the_controllers_interrupt(config) -> None:
+    """An xdist worker is stopped by its controller's SIGINT (execnet). A run started with SIGINT ignored (a
+    background job of a non-interactive shell: `make test &` in a script, some CI runners) passes that on to
+    its workers, which would then go on with their tests, and the processes those start, after the controller
+    is stopped: a worker always takes SIGINT as KeyboardInterrupt."""
+    if hasattr(config, "workerinput") and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_configure(config):
     config.stash[_PREVIOUS_SIGTERM] = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    _accept_the_controllers_interrupt(config)
     _share_the_cores(config)
 
 

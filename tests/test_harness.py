@@ -89,6 +89,10 @@ def _child_run(tmp_path: Path, test_source: str) -> tuple[list[str], dict, Path]
     return cmd, env, markers
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -125,7 +129,10 @@ def test_cleared_variables_and_leaked_processes_fail_the_run_and_are_ended(procs
 def test_stopping_the_test_run_ends_the_processes_its_tests_started(procs, tmp_path, signum, runner):
     cmd, env, markers = _child_run(tmp_path, _LONG_CHILD)
     with open(tmp_path / "out.txt", "w") as log:
-        run = procs.popen([*cmd, *runner], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        # SIGINT as a terminal leaves it: this run may itself have been started with SIGINT ignored (a
+        # background job of a script), which its child would inherit, and then no Ctrl-C could reach it
+        run = procs.popen([*cmd, *runner], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                          preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.monotonic() + 300  # a last guard; normally the child starts within seconds
     while not (markers / "child").exists():
         assert run.poll() is None, (tmp_path / "out.txt").read_text()
