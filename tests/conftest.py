@@ -110,6 +110,7 @@ def _clean_environment(mp: pytest.MonkeyPatch) -> None:
     for name in {*_CLEARED, *(k for k in os.environ if k.startswith(("MLFLOW_", "DVC_")))}:
         mp.delenv(name, raising=False)
     mp.setenv("DVC_NO_ANALYTICS", "1")  # no network, and no detached `dvc daemon analytics` process
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # no network from MLflow's usage reports either
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -256,20 +257,49 @@ def pytest_unconfigure(config):
 # --------------------------------------------------------------------------------- shared expensive setup
 
 
-@pytest.fixture(scope="session")
-def dvc_data_repo(tmp_path_factory) -> Path:
-    """One pipeline repo per session (see `dvc_repos`) where `dvc repro` ran the data stages (prepare,
-    classifier, fid_stats): the real DVC run of those stages, shared by the tests that copy it."""
-    from dvc_repos import init_pipeline_repo, reproduce_data_stages
+def _shared_dir(request, tmp_path_factory, name: str) -> Path:
+    """A folder every xdist worker of this run sees (the run's basetemp; the workers' own are inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):
+        base = base.parent
+    return base / name
 
-    root = tmp_path_factory.mktemp("dvc-data")
-    owned = Processes(workdir=root)
-    try:
-        init_pipeline_repo(owned, root)
-        reproduce_data_stages(owned, root)
-    finally:
-        owned.end_all()
-    return root
+
+def _owned_build(build):
+    """build(procs, root) with the processes it starts owned (ended when it returns or fails)."""
+    def run(root: Path) -> None:
+        owned = Processes(workdir=root)
+        try:
+            build(owned, root)
+        finally:
+            owned.end_all()
+    return run
+
+
+@pytest.fixture(scope="session")
+def dvc_data_repo(request, tmp_path_factory) -> Path:
+    """One pipeline repo per test run (see `dvc_repos`) where `dvc repro` ran the data stages (prepare,
+    classifier, fid_stats): the real DVC run of those stages, shared by the tests that copy it."""
+    from dvc_repos import built_once, init_pipeline_repo, reproduce_data_stages
+
+    def build(procs: Processes, root: Path) -> None:
+        init_pipeline_repo(procs, root)
+        reproduce_data_stages(procs, root)
+
+    return built_once(_shared_dir(request, tmp_path_factory, "dvc-data"), _owned_build(build))
+
+
+@pytest.fixture(scope="session")
+def dvc_trained_repo(request, dvc_data_repo: Path, tmp_path_factory) -> Path:
+    """`dvc_data_repo` after a real `dvc repro` of the whole pipeline (train, progress, sample, evaluate) with
+    the tiny params, committed: one per test run, for the tests that start from a trained pipeline."""
+    from dvc_repos import built_once, copy_repo, reproduce_pipeline
+
+    def build(procs: Processes, root: Path) -> None:
+        copy_repo(dvc_data_repo, root)
+        reproduce_pipeline(procs, root)
+
+    return built_once(_shared_dir(request, tmp_path_factory, "dvc-trained"), _owned_build(build))
 
 
 @pytest.fixture
@@ -279,6 +309,15 @@ def dvc_repo_with_data(dvc_data_repo: Path, tmp_path: Path) -> Path:
     from dvc_repos import copy_repo
 
     return copy_repo(dvc_data_repo, tmp_path)
+
+
+@pytest.fixture
+def dvc_repo_trained(dvc_trained_repo: Path, tmp_path: Path) -> Path:
+    """A copy of the run's `dvc_trained_repo` in tmp_path (its MLflow store moved with it): a trained, committed
+    pipeline for a test to change."""
+    from dvc_repos import copy_repo
+
+    return copy_repo(dvc_trained_repo, tmp_path)
 
 
 def data_stage_params(cfg: Config) -> dict:

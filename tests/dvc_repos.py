@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -62,9 +65,52 @@ def reproduce_data_stages(procs: Processes, root: Path) -> None:
     assert not stores, f"the data stages wrote {stores}: a copy would share their absolute paths"
 
 
+def reproduce_pipeline(procs: Processes, root: Path) -> None:
+    """`dvc repro` of the whole pipeline, committed (what a user has after the quickstart and a commit)."""
+    run_ok(procs, [*DVC, "repro"], root)
+    run_ok(procs, ["git", "add", "-A"], root)
+    run_ok(procs, ["git", "commit", "-qm", "trained"], root)
+
+
 def copy_repo(source: Path, dest: Path) -> Path:
-    """A copy of a pipeline repo (git history, DVC cache and outputs) at `dest`; DVC's scratch `.dvc/tmp`
-    (locks, its hash state) is left for DVC to rebuild there."""
+    """A copy of a pipeline repo (git history, DVC cache and outputs, the MLflow store) at `dest`; DVC's
+    scratch `.dvc/tmp` (locks, its hash state) is left for DVC to rebuild there.
+
+    The MLflow store names its artifact folders by absolute path (in mlflow.db and in each logged model's
+    MLmodel): they are moved to the copy's, so a run the copy re-opens or creates writes its artifacts into
+    the copy, not into `source` (shared by other tests)."""
     shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True,
                     ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    old, new = str(source.resolve()), str(dest.resolve())
+    if (dest / "mlflow.db").exists():
+        _relocate_store(dest / "mlflow.db", old, new)
+    for model_file in (dest / "mlartifacts").rglob("MLmodel"):
+        model_file.write_text(model_file.read_text().replace(old, new))
     return dest
+
+
+def _relocate_store(db: Path, old: str, new: str) -> None:
+    """Replace the path prefix `old` by `new` in every text column of the sqlite store that holds it."""
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")') if "CHAR" in r[2].upper()
+                       or "TEXT" in r[2].upper()]
+            for col in columns:
+                con.execute(f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0',
+                            (old, new, old))
+    con.close()
+
+
+def built_once(root: Path, build: Callable[[Path], None]) -> Path:
+    """`root`, made by `build(root)` unless another process of this test run already made it: pytest-xdist's
+    workers each build their own session fixtures, so a setup they share is built under one lock, once."""
+    done = root.with_name(root.name + ".done")
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build fails
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
+            root.mkdir(parents=True)
+            build(root)
+            done.touch()
+    return root

@@ -65,11 +65,11 @@ def _retrained_from_zero(stderr: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_training_code_edit_retrains_from_step_0_and_log_every_leaves_train_up_to_date(dvc_repo: Path, procs):  # noqa: F811
+def test_a_training_code_edit_retrains_from_step_0_and_log_every_leaves_train_up_to_date(dvc_repo_trained: Path,
+                                                                                         procs):
     import mlflow
 
-    repo = dvc_repo  # tiny params: 6 steps, train/loss logged every 2
-    _run(procs, [*DVC, "repro", "train"], repo)
+    repo = dvc_repo_trained  # after `dvc repro` with the tiny params: 6 steps, train/loss logged every 2
     first_weights, first_run = _ema_weights(repo), _run_id(repo)
     assert _loss_steps(repo, first_run) == [2, 4, 6]
 

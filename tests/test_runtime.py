@@ -50,3 +50,28 @@ def test_cpu_allocator_keeps_freed_tensors_in_the_process():
 def test_cpu_allocator_leaves_cuda_runs_alone():
     assert configure_cpu_allocator(torch.device("cuda", 0)) is False
     assert configure_cpu_allocator(torch.device("meta")) is False
+
+
+_BACKENDS = textwrap.dedent(
+    """
+    import sys, torch
+    from ddpm.core.runtime import configure_backends
+    configure_backends(False)
+    states = [torch.are_deterministic_algorithms_enabled(), "torch._inductor.config" in sys.modules]
+    configure_backends(True)
+    states.append(torch.are_deterministic_algorithms_enabled())
+    import torch._inductor.config as inductor
+    states.append(inductor.deterministic)
+    configure_backends(False)
+    states += [torch.are_deterministic_algorithms_enabled(), inductor.deterministic]
+    print(states)
+    """
+)
+
+
+def test_backends_switch_determinism_both_ways_without_importing_the_compiler_for_nothing():
+    """Off (the default) costs no import of the inductor compiler (1.5-2.7 s of every stage's start-up), and
+    on then off again reaches both torch's and inductor's flag."""
+    out = subprocess.run([sys.executable, "-c", _BACKENDS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == "[False, False, True, True, False, False]".split()

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import _run, dvc_repo  # noqa: F401 - dvc_repo is a fixture
+from test_pipeline import _run
 
 
 @pytest.mark.slow
-def test_an_unconditional_model_runs_the_whole_dvc_pipeline(dvc_repo: Path, procs):  # noqa: F811
+def test_an_unconditional_model_runs_the_whole_dvc_pipeline(dvc_repo_with_data: Path, procs):
+    dvc_repo = dvc_repo_with_data  # prepare reruns (model.num_classes), the classifier is the cached one
     params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
     params["model"]["num_classes"] = 0
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

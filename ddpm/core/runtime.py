@@ -59,7 +59,11 @@ def configure_backends(deterministic: bool) -> None:
     """
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    # the call imports the inductor compiler to set its flag too (1.5-2.7 s of every stage's start-up); off
+    # is torch's default (and inductor's, unless TORCHINDUCTOR_DETERMINISTIC=1), so it is skipped when the
+    # process is already in the requested state
+    if deterministic or torch.are_deterministic_algorithms_enabled() or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
