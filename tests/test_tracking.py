@@ -364,12 +364,12 @@ def test_metrics_are_in_the_store_when_logged_or_with_asynchronous_by_the_end_of
     """A synchronous tracker (sample, evaluate, progress) has written each batch when log_metrics returns; an
     asynchronous one (train: the loop never waits on the store) has written every batch when the run ends."""
     cfg = _cfg(tracking={"system_metrics": False, "tensorboard": False})
-    tracker = Tracker.start(cfg, repo, "synchronous")
+    tracker = Tracker.start(cfg, repo, "synchronous", asynchronous=False)
     for step in (1, 2):
         tracker.log_metrics({"eval/x": float(step)}, step)
         assert [m.step for m in client.get_metric_history(tracker.run_id, "eval/x")] == list(range(1, step + 1))
     tracker.finish()
-    with Tracker.start(cfg, repo, "asynchronous", asynchronous=True) as tracker:
+    with Tracker.start(cfg, repo, "asynchronous") as tracker:
         for step in range(1, 41):
             tracker.log_metrics({f"train/m{i}": float(step) for i in range(15)}, step)
     for i in (0, 14):

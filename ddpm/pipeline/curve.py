@@ -56,7 +56,7 @@ def progress_stage(cfg: Config, paths: Layout) -> list[dict]:
     fid = FidScorer(cfg, paths, device) if cfg.progress.fid and cfg.evaluate.fid else None
     run_id = read_run_id(paths.train_run)
     # the training's own run, re-opened (not a child): the curve is a property of the training
-    with (Tracker.start(cfg, paths.root, run_id=run_id) if run_id else Tracker()) as tracker:
+    with (Tracker.start(cfg, paths.root, run_id=run_id, asynchronous=False) if run_id else Tracker()) as tracker:
         rows = score_snapshots(cfg, paths, data, classifier, fid, [path for _, path in snapshots])
         write_tsv(paths.progress_plot, [c for c in CURVE_COLUMNS if any(c in r for r in rows)], rows)
         batch_size = rows[-1]["images_seen"] // max(rows[-1]["step"], 1)

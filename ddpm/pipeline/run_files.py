@@ -38,5 +38,5 @@ def pipeline_tracker(cfg: Config, paths: Layout, run_info: Path, tags: dict[str,
     run_id = read_run_id(run_info)
     if not run_id:
         return Tracker()
-    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags or {},
+    return Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags or {}, asynchronous=False,
                          new_run_if_params_differ=True)

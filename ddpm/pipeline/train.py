@@ -185,8 +185,7 @@ def _resume_or_start(run: Run, store: ResumeStore, paths: Layout, data: Prepared
     run_id = run.run_id or orphan
     resume_step = run.step if ckpt is not None else (0 if orphan else None)
     tags = _tags(data_hash, device, run.code, ranks.world_size)
-    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags, resume_step=resume_step,
-                       asynchronous=True) as tracker:
+    with Tracker.start(cfg, paths.root, run_name=None, run_id=run_id, tags=tags, resume_step=resume_step) as tracker:
         run.run_id = tracker.run_id
         tracker.log_dataset(cfg, paths.prepared, data_hash, len(data.train_labels), len(data.eval_labels),
                             list(data.class_names))

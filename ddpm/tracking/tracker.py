@@ -92,7 +92,7 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
         new_run_if_params_differ: bool = False,
-        asynchronous: bool = False,
+        asynchronous: bool = True,
     ) -> Tracker:
         """Create (or, with `run_id`, re-open) the run and open its TensorBoard writer.
 
@@ -107,10 +107,11 @@ class Tracker:
         of the training's final metrics. Without it (train resuming), the run is re-opened and the
         differing values are recorded as `param_override.*` tags. See `ddpm.tracking.opening.open_run`.
 
-        `asynchronous` (train): metrics go through MLflow's async logger, so a training loop never waits on
-        the store (~1 ms a call instead of ~10 ms, and no stall while another process holds the sqlite
-        lock); ending such a run costs ~1 s (MLflow's logging thread polls its queue once a second). Stages
-        that log a few batches at their end log them synchronously instead.
+        `asynchronous` (training): metrics go through MLflow's async logger, so a training loop never waits
+        on the store (~1 ms a call instead of ~10 ms, and no stall while another process holds the sqlite
+        lock); ending such a run costs ~1 s (MLflow's logging thread polls its queue once a second), so the
+        stages that log a few batches at their end (sample, evaluate, progress) pass False and write them
+        synchronously.
         """
         self = cls()
         self._asynchronous = asynchronous
