@@ -265,17 +265,6 @@ def _shared_dir(request, tmp_path_factory, name: str) -> Path:
     return base / name
 
 
-def _owned_build(build):
-    """build(procs, root) with the processes it starts owned (ended when it returns or fails)."""
-    def run(root: Path) -> None:
-        owned = Processes(workdir=root)
-        try:
-            build(owned, root)
-        finally:
-            owned.end_all()
-    return run
-
-
 @pytest.fixture(scope="session")
 def dvc_data_repo(request, tmp_path_factory) -> Path:
     """One pipeline repo per test run (see `dvc_repos`) where `dvc repro` ran the data stages (prepare,
@@ -286,7 +275,7 @@ def dvc_data_repo(request, tmp_path_factory) -> Path:
         init_pipeline_repo(procs, root)
         reproduce_data_stages(procs, root)
 
-    return built_once(_shared_dir(request, tmp_path_factory, "dvc-data"), _owned_build(build))
+    return built_once(_shared_dir(request, tmp_path_factory, "dvc-data"), build)
 
 
 @pytest.fixture(scope="session")
@@ -299,7 +288,7 @@ def dvc_trained_repo(request, dvc_data_repo: Path, tmp_path_factory) -> Path:
         copy_repo(dvc_data_repo, root)
         reproduce_pipeline(procs, root)
 
-    return built_once(_shared_dir(request, tmp_path_factory, "dvc-trained"), _owned_build(build))
+    return built_once(_shared_dir(request, tmp_path_factory, "dvc-trained"), build)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -91,7 +92,7 @@ def copy_repo(source: Path, dest: Path) -> Path:
 
 def _relocate_store(db: Path, old: str, new: str) -> None:
     """Replace the path prefix `old` by `new` in every text column of the sqlite store that holds it."""
-    with sqlite3.connect(db) as con:
+    with contextlib.closing(sqlite3.connect(db)) as con, con:  # closed, and committed
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for table in tables:
             columns = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")') if "CHAR" in r[2].upper()
@@ -99,18 +100,22 @@ def _relocate_store(db: Path, old: str, new: str) -> None:
             for col in columns:
                 con.execute(f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0',
                             (old, new, old))
-    con.close()
 
 
-def built_once(root: Path, build: Callable[[Path], None]) -> Path:
-    """`root`, made by `build(root)` unless another process of this test run already made it: pytest-xdist's
-    workers each build their own session fixtures, so a setup they share is built under one lock, once."""
+def built_once(root: Path, build: Callable[[Processes, Path], None]) -> Path:
+    """`root`, made by `build(procs, root)` unless another process of this test run already made it (the
+    processes it starts are owned by `procs` and ended when it returns or fails): pytest-xdist's workers each
+    build their own session fixtures, so a setup they share is built under one lock, once."""
     done = root.with_name(root.name + ".done")
     with open(root.with_name(root.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build fails
         if not done.exists():
             shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker
             root.mkdir(parents=True)
-            build(root)
+            owned = Processes(workdir=root)
+            try:
+                build(owned, root)
+            finally:
+                owned.end_all()
             done.touch()
     return root
